@@ -1,0 +1,40 @@
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TypeLabels {
+    pub(crate) type_url: String,
+}
+
+/// Counters of the ADS server, registered under `weft_xds_` on the registry weftd exposes.
+#[derive(Clone, Debug, Default)]
+pub struct XdsMetrics {
+    pub(crate) pushes: Family<TypeLabels, Counter>,
+    pub(crate) acks: Family<TypeLabels, Counter>,
+    pub(crate) nacks: Family<TypeLabels, Counter>,
+    pub(crate) connected: Gauge,
+}
+
+impl XdsMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        let r = registry.sub_registry_with_prefix("weft_xds");
+        r.register("pushes", "xDS responses sent to proxies", metrics.pushes.clone());
+        r.register("acks", "xDS responses proxies accepted", metrics.acks.clone());
+        r.register("nacks", "xDS responses proxies rejected (see the weftd log for each error_detail)", metrics.nacks.clone());
+        r.register("connected_proxies", "proxies with an open ADS stream", metrics.connected.clone());
+        metrics
+    }
+
+    pub(crate) fn labels(type_url: &str) -> TypeLabels {
+        TypeLabels { type_url: crate::type_url::short(type_url).to_string() }
+    }
+
+    /// NACKs seen so far for one resource type (`Cluster`, `Listener`, ...); tests wait on it.
+    pub fn nacks_for(&self, short_type: &str) -> u64 {
+        self.nacks.get_or_create(&TypeLabels { type_url: short_type.to_string() }).get()
+    }
+}

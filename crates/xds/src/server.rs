@@ -1,0 +1,463 @@
+//! The aggregated discovery service: state of the world (`StreamAggregatedResources`) and incremental
+//! (`DeltaAggregatedResources`) over one gRPC stream per proxy.
+//!
+//! A [`SnapshotGenerator`] turns the mesh config into the resources one proxy should have. Each stream
+//! regenerates its proxy's snapshot whenever the generator changes and sends only the types (SotW) or the
+//! resources (delta) whose content changed for that proxy. ACKs and NACKs are tracked per type; a NACK is
+//! logged with the proxy id and the proxy's `error_detail`, counted, and not retried: the proxy keeps its
+//! last accepted config until the next change.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    pin::Pin,
+    sync::Arc,
+};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use weft_drain::DrainWatcher;
+
+use crate::{
+    NodeInfo, Snapshot, XdsMetrics,
+    pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+        aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+    },
+    snapshot::content_version,
+    type_url,
+};
+
+/// Builds the resources one proxy should have from the current mesh config. Pure: no IO.
+pub trait SnapshotGenerator: Send + Sync + 'static {
+    fn generate(&self, node: &NodeInfo) -> Snapshot;
+}
+
+/// The ADS service. Cloning shares the config source and metrics.
+#[derive(Clone)]
+pub struct AdsServer {
+    config: watch::Receiver<Arc<dyn SnapshotGenerator>>,
+    metrics: XdsMetrics,
+    drain: DrainWatcher,
+}
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer").finish_non_exhaustive()
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl AdsServer {
+    /// Streams end when `drain` is signaled, so a draining weftd is not held open by its proxies.
+    pub fn new(config: watch::Receiver<Arc<dyn SnapshotGenerator>>, metrics: XdsMetrics, drain: DrainWatcher) -> Self {
+        Self { config, metrics, drain }
+    }
+
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+    }
+}
+
+/// Why a stream's loop woke up.
+enum Event<R> {
+    Request(R),
+    ConfigChanged,
+    Closed,
+}
+
+async fn next_event<R>(
+    requests: &mut Streaming<R>,
+    config: &mut watch::Receiver<Arc<dyn SnapshotGenerator>>,
+    drain: &DrainWatcher,
+) -> Event<R> {
+    tokio::select! {
+        req = requests.next() => match req {
+            Some(Ok(req)) => Event::Request(req),
+            Some(Err(status)) => {
+                debug!(%status, "ads stream ended with an error");
+                Event::Closed
+            }
+            None => Event::Closed,
+        },
+        changed = config.changed() => if changed.is_ok() { Event::ConfigChanged } else { Event::Closed },
+        () = drain.signaled() => Event::Closed,
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let state = SotwStream {
+            requests: request.into_inner(),
+            config: self.config.clone(),
+            drain: self.drain.clone(),
+            proto: SotwState::new(self.metrics.clone()),
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(state, SotwStream::next))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let state = DeltaStream {
+            requests: request.into_inner(),
+            config: self.config.clone(),
+            drain: self.drain.clone(),
+            proto: DeltaState::new(self.metrics.clone()),
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(state, DeltaStream::next))))
+    }
+}
+
+/// Present for the life of one proxy's stream, so `connected_proxies` is right however the stream ends.
+struct Connected(XdsMetrics);
+
+impl Connected {
+    fn new(metrics: XdsMetrics) -> Self {
+        metrics.connected.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.connected.dec();
+    }
+}
+
+/// The version of a set of resources as a whole: SotW's `version_info`.
+fn set_version<'a>(resources: impl Iterator<Item = (&'a String, &'a str)>) -> String {
+    let mut joined = String::new();
+    for (name, version) in resources {
+        joined.push_str(name);
+        joined.push('=');
+        joined.push_str(version);
+        joined.push(';');
+    }
+    content_version(joined.as_bytes())
+}
+
+/// Which names of a type a proxy wants.
+#[derive(Debug, Default)]
+struct Subscription {
+    wildcard: bool,
+    names: BTreeSet<String>,
+}
+
+impl Subscription {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+// === State of the world ===
+
+struct SotwStream {
+    requests: Streaming<DiscoveryRequest>,
+    config: watch::Receiver<Arc<dyn SnapshotGenerator>>,
+    drain: DrainWatcher,
+    proto: SotwState,
+}
+
+impl SotwStream {
+    async fn next(mut self) -> Option<(Result<DiscoveryResponse, Status>, Self)> {
+        loop {
+            if let Some(resp) = self.proto.pending.pop_front() {
+                return Some((Ok(resp), self));
+            }
+            match next_event(&mut self.requests, &mut self.config, &self.drain).await {
+                Event::Request(req) => {
+                    let generator = self.config.borrow_and_update().clone();
+                    if let Err(status) = self.proto.on_request(req, generator.as_ref()) {
+                        return Some((Err(status), self));
+                    }
+                }
+                Event::ConfigChanged => {
+                    let generator = self.config.borrow_and_update().clone();
+                    self.proto.on_config(generator.as_ref());
+                }
+                Event::Closed => return None,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SotwType {
+    subscription: Subscription,
+    last_nonce: String,
+    sent_version: Option<String>,
+}
+
+/// The protocol state of one SotW stream, apart from IO so it can be driven directly in tests.
+struct SotwState {
+    node: Option<NodeInfo>,
+    snapshot: Snapshot,
+    types: BTreeMap<String, SotwType>,
+    nonce: u64,
+    pending: VecDeque<DiscoveryResponse>,
+    metrics: XdsMetrics,
+    _connected: Connected,
+}
+
+impl SotwState {
+    fn new(metrics: XdsMetrics) -> Self {
+        Self {
+            node: None,
+            snapshot: Snapshot::default(),
+            types: BTreeMap::new(),
+            nonce: 0,
+            pending: VecDeque::new(),
+            _connected: Connected::new(metrics.clone()),
+            metrics,
+        }
+    }
+
+    fn node_id(&self) -> &str {
+        self.node.as_ref().map_or("", |n| n.id.as_str())
+    }
+
+    fn on_request(&mut self, req: DiscoveryRequest, generator: &dyn SnapshotGenerator) -> Result<(), Status> {
+        if self.node.is_none() {
+            let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+            let node = NodeInfo::from(node);
+            info!(node = %node.id, "proxy connected (state of the world)");
+            self.snapshot = generator.generate(&node);
+            self.node = Some(node);
+        }
+        let labels = XdsMetrics::labels(&req.type_url);
+        let node_id = self.node_id().to_string();
+        let state = self.types.entry(req.type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce != state.last_nonce {
+            debug!(node = %node_id, type_url = %req.type_url, nonce = %req.response_nonce, "ignoring a request for a superseded response");
+            return Ok(());
+        }
+        if let Some(error) = &req.error_detail {
+            self.metrics.nacks.get_or_create(&labels).inc();
+            warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
+                kept_version = %req.version_info, error_detail = %error.message, "proxy rejected config (NACK)");
+            return Ok(());
+        }
+        if !req.response_nonce.is_empty() {
+            self.metrics.acks.get_or_create(&labels).inc();
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().filter(|n| *n != "*").cloned().collect();
+        let wildcard = req.resource_names.iter().any(|n| n == "*")
+            || (req.resource_names.is_empty() && type_url::is_wildcard_by_default(&req.type_url));
+        let changed = state.sent_version.is_none() || names != state.subscription.names || wildcard != state.subscription.wildcard;
+        state.subscription = Subscription { wildcard, names };
+        if changed {
+            self.push(&req.type_url, true);
+        }
+        Ok(())
+    }
+
+    fn on_config(&mut self, generator: &dyn SnapshotGenerator) {
+        let Some(node) = &self.node else { return };
+        let snapshot = generator.generate(node);
+        if snapshot == self.snapshot {
+            return;
+        }
+        self.snapshot = snapshot;
+        let subscribed: Vec<String> = self.types.keys().cloned().collect();
+        let ordered = type_url::PUSH_ORDER.iter().map(|t| t.to_string()).filter(|t| subscribed.contains(t));
+        let others = subscribed.iter().filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str())).cloned();
+        for t in ordered.chain(others).collect::<Vec<_>>() {
+            self.push(&t, false);
+        }
+    }
+
+    /// Queues the full set of `type_url` the proxy subscribes to, unless it already has exactly that.
+    fn push(&mut self, type_url: &str, even_if_unchanged: bool) {
+        let Some(state) = self.types.get_mut(type_url) else { return };
+        let wanted: Vec<_> = self.snapshot.resources(type_url).filter(|(name, _)| state.subscription.wants(name)).collect();
+        let version = set_version(wanted.iter().map(|(n, v)| (*n, v.version.as_str())));
+        if !even_if_unchanged && state.sent_version.as_deref() == Some(version.as_str()) {
+            return;
+        }
+        self.nonce += 1;
+        state.last_nonce = self.nonce.to_string();
+        state.sent_version = Some(version.clone());
+        self.metrics.pushes.get_or_create(&XdsMetrics::labels(type_url)).inc();
+        debug!(node = %self.node.as_ref().map_or("", |n| n.id.as_str()), type_url, %version, count = wanted.len(), "push");
+        self.pending.push_back(DiscoveryResponse {
+            version_info: version,
+            resources: wanted.iter().map(|(_, v)| v.resource.clone()).collect(),
+            type_url: type_url.to_string(),
+            nonce: state.last_nonce.clone(),
+            ..Default::default()
+        });
+    }
+}
+
+// === Delta ===
+
+struct DeltaStream {
+    requests: Streaming<DeltaDiscoveryRequest>,
+    config: watch::Receiver<Arc<dyn SnapshotGenerator>>,
+    drain: DrainWatcher,
+    proto: DeltaState,
+}
+
+impl DeltaStream {
+    async fn next(mut self) -> Option<(Result<DeltaDiscoveryResponse, Status>, Self)> {
+        loop {
+            if let Some(resp) = self.proto.pending.pop_front() {
+                return Some((Ok(resp), self));
+            }
+            match next_event(&mut self.requests, &mut self.config, &self.drain).await {
+                Event::Request(req) => {
+                    let generator = self.config.borrow_and_update().clone();
+                    if let Err(status) = self.proto.on_request(req, generator.as_ref()) {
+                        return Some((Err(status), self));
+                    }
+                }
+                Event::ConfigChanged => {
+                    let generator = self.config.borrow_and_update().clone();
+                    self.proto.on_config(generator.as_ref());
+                }
+                Event::Closed => return None,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DeltaType {
+    subscription: Subscription,
+    /// What the proxy holds, by name: the version last sent (or declared in `initial_resource_versions`).
+    known: HashMap<String, String>,
+}
+
+struct DeltaState {
+    node: Option<NodeInfo>,
+    snapshot: Snapshot,
+    types: BTreeMap<String, DeltaType>,
+    nonce: u64,
+    pending: VecDeque<DeltaDiscoveryResponse>,
+    metrics: XdsMetrics,
+    _connected: Connected,
+}
+
+impl DeltaState {
+    fn new(metrics: XdsMetrics) -> Self {
+        Self {
+            node: None,
+            snapshot: Snapshot::default(),
+            types: BTreeMap::new(),
+            nonce: 0,
+            pending: VecDeque::new(),
+            _connected: Connected::new(metrics.clone()),
+            metrics,
+        }
+    }
+
+    fn on_request(&mut self, req: DeltaDiscoveryRequest, generator: &dyn SnapshotGenerator) -> Result<(), Status> {
+        if self.node.is_none() {
+            let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+            let node = NodeInfo::from(node);
+            info!(node = %node.id, "proxy connected (delta)");
+            self.snapshot = generator.generate(&node);
+            self.node = Some(node);
+        }
+        let labels = XdsMetrics::labels(&req.type_url);
+        let node_id = self.node.as_ref().map_or("", |n| n.id.as_str()).to_string();
+        if let Some(error) = &req.error_detail {
+            self.metrics.nacks.get_or_create(&labels).inc();
+            warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
+                error_detail = %error.message, "proxy rejected config (NACK)");
+        } else if !req.response_nonce.is_empty() {
+            self.metrics.acks.get_or_create(&labels).inc();
+        }
+        let first = !self.types.contains_key(&req.type_url);
+        let state = self.types.entry(req.type_url.clone()).or_default();
+        if first {
+            state.subscription.wildcard = req.resource_names_subscribe.is_empty() && type_url::is_wildcard_by_default(&req.type_url);
+            state.known = req.initial_resource_versions.clone();
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                state.subscription.wildcard = true;
+            } else {
+                state.subscription.names.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                state.subscription.wildcard = false;
+            } else {
+                state.subscription.names.remove(name);
+            }
+            state.known.remove(name);
+        }
+        self.push(&req.type_url);
+        Ok(())
+    }
+
+    fn on_config(&mut self, generator: &dyn SnapshotGenerator) {
+        let Some(node) = &self.node else { return };
+        let snapshot = generator.generate(node);
+        if snapshot == self.snapshot {
+            return;
+        }
+        self.snapshot = snapshot;
+        let subscribed: Vec<String> = self.types.keys().cloned().collect();
+        let ordered = type_url::PUSH_ORDER.iter().map(|t| t.to_string()).filter(|t| subscribed.contains(t));
+        let others = subscribed.iter().filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str())).cloned();
+        for t in ordered.chain(others).collect::<Vec<_>>() {
+            self.push(&t);
+        }
+    }
+
+    /// Queues the resources whose version differs from what the proxy holds, and the names it holds that
+    /// are gone. Nothing is queued when the proxy is up to date.
+    fn push(&mut self, type_url: &str) {
+        let Some(state) = self.types.get_mut(type_url) else { return };
+        let mut resources = Vec::new();
+        let mut present = BTreeSet::new();
+        for (name, v) in self.snapshot.resources(type_url) {
+            if !state.subscription.wants(name) {
+                continue;
+            }
+            present.insert(name.clone());
+            if state.known.get(name) != Some(&v.version) {
+                state.known.insert(name.clone(), v.version.clone());
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: v.version.clone(),
+                    resource: Some(v.resource.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let removed: Vec<String> = state.known.keys().filter(|n| !present.contains(*n)).cloned().collect();
+        for name in &removed {
+            state.known.remove(name);
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return;
+        }
+        self.nonce += 1;
+        self.metrics.pushes.get_or_create(&XdsMetrics::labels(type_url)).inc();
+        self.pending.push_back(DeltaDiscoveryResponse {
+            resources,
+            removed_resources: removed,
+            type_url: type_url.to_string(),
+            nonce: self.nonce.to_string(),
+            ..Default::default()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;
