@@ -1,1 +1,61 @@
+//! weftd, Weft's control plane: reads mesh config, builds the service registry and serves each proxy
+//! the Envoy resources for its workload over ADS.
+//!
+//! Config sources (today a directory of YAML manifests, [`source`]) produce a [`Model`]; the pure
+//! [`translate`] turns a model and a proxy into that proxy's snapshot; [`app`] wires the ADS server.
 
+pub mod app;
+pub mod registry;
+pub mod source;
+pub mod translate;
+
+use weft_api::{
+    Object, Resources,
+    istio::{DestinationRuleSpec, SidecarSpec, VirtualServiceSpec},
+};
+
+use crate::{
+    registry::{Registry, Service},
+    translate::{MeshOptions, Proxy},
+};
+
+/// The mesh as weftd understands it: the registry plus the routing and scoping rules.
+#[derive(Debug, Default, PartialEq)]
+pub struct Model {
+    pub registry: Registry,
+    pub virtual_services: Vec<Object<VirtualServiceSpec>>,
+    pub destination_rules: Vec<Object<DestinationRuleSpec>>,
+    pub sidecars: Vec<Object<SidecarSpec>>,
+    pub mesh: MeshOptions,
+}
+
+impl Model {
+    pub fn build(resources: &Resources, mesh: MeshOptions) -> Self {
+        Self {
+            registry: Registry::build(resources),
+            virtual_services: resources.virtual_services.clone(),
+            destination_rules: resources.destination_rules.clone(),
+            sidecars: resources.sidecars.clone(),
+            mesh,
+        }
+    }
+
+    /// The Sidecar that scopes a proxy: the one in its namespace whose selector matches it (the most
+    /// specific if several do), else the namespace's Sidecar without a selector.
+    pub fn sidecar_for(&self, proxy: &Proxy) -> Option<&Object<SidecarSpec>> {
+        self.sidecars
+            .iter()
+            .filter_map(|sc| translate::sidecar_selects(sc, proxy).map(|rank| (rank, sc)))
+            .max_by_key(|(rank, _)| *rank)
+            .map(|(_, sc)| sc)
+    }
+
+    /// The first DestinationRule for a host, as Istio uses one per host.
+    pub fn destination_rule_for(&self, svc: &Service) -> Option<&DestinationRuleSpec> {
+        self.destination_rules.iter().find(|dr| translate::dr_applies(dr, svc)).map(|dr| &dr.spec)
+    }
+
+    pub fn virtual_service_for(&self, svc: &Service) -> Option<&Object<VirtualServiceSpec>> {
+        self.virtual_services.iter().find(|vs| translate::vs_applies(vs, svc))
+    }
+}

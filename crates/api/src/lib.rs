@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use load::{Rejected, Resources, load_dir, parse_manifests};
+pub use load::{Rejected, Resources, load_dir, parse_duration, parse_manifests};
 
 /// The namespace a resource lands in when its manifest names none, as `kubectl apply` does.
 pub const DEFAULT_NAMESPACE: &str = "default";

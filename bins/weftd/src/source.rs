@@ -1,0 +1,75 @@
+//! The YAML directory config source: loads every manifest under a directory and reloads when any file
+//! changes, without a restart.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+use weft_drain::DrainWatcher;
+use weft_xds::server::SnapshotGenerator;
+
+use crate::{Model, translate::{Generator, MeshOptions}};
+
+/// Loads the directory into a model, logging each skipped resource with its file, kind, name and reason.
+pub fn load(dir: &Path, mesh: &MeshOptions) -> Model {
+    let (resources, rejected) = weft_api::load_dir(dir);
+    for r in &rejected {
+        warn!(file = %r.file, kind = %r.kind, name = %r.name, reason = %r.reason, "skipping invalid resource");
+    }
+    let model = Model::build(&resources, mesh.clone());
+    info!(dir = %dir.display(), services = model.registry.services.len(), virtual_services = model.virtual_services.len(),
+        destination_rules = model.destination_rules.len(), sidecars = model.sidecars.len(), skipped = rejected.len(), "config loaded");
+    model
+}
+
+/// Names, sizes and modification times of every file under `dir`: cheap to take, and it changes when
+/// any manifest is added, removed or edited.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path, meta.len(), meta.modified().ok()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Watches `dir` by polling every `interval` and publishes a new generator whenever it changes.
+pub async fn watch_dir(
+    dir: PathBuf,
+    mesh: MeshOptions,
+    interval: Duration,
+    publish: watch::Sender<Arc<dyn SnapshotGenerator>>,
+    drain: DrainWatcher,
+) {
+    let mut last = fingerprint(&dir);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = drain.signaled() => return,
+        }
+        let now = fingerprint(&dir);
+        if now == last {
+            continue;
+        }
+        last = now;
+        info!(dir = %dir.display(), "config directory changed; reloading");
+        let model = Arc::new(load(&dir, &mesh));
+        publish.send_replace(Arc::new(Generator { model }));
+    }
+}
