@@ -1,1 +1,153 @@
+//! weft-proxy: Weft's sidecar. It takes its listeners, routes, clusters and endpoints from weftd over ADS
+//! and carries the workload's HTTP/1.1, HTTP/2, gRPC, WebSocket and TCP traffic.
+//!
+//! The data path reads one immutable [`state::ProxyState`] that the xDS handler replaces whole;
+//! [`app::build`] binds the admin and metrics ports, [`app::App::run`] serves until drained.
 
+mod access_log;
+pub mod admin;
+pub mod app;
+pub mod config;
+mod http;
+mod lb;
+mod listeners;
+pub mod model;
+pub mod state;
+mod tcp;
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::registry::Registry;
+use tokio::{sync::watch, task::JoinSet};
+use weft_drain::DrainWatcher;
+use weft_telemetry::{IstioMetrics, RequestLabels, TcpLabels};
+
+use crate::{
+    config::Workload,
+    state::{ClusterState, EndpointState, ProxyState},
+};
+
+/// What every connection needs, shared.
+pub struct Ctx {
+    pub state: watch::Receiver<Arc<ProxyState>>,
+    pub metrics: IstioMetrics,
+    pub registry: Arc<Registry>,
+    pub workload: Workload,
+    pub drain: DrainWatcher,
+    access_log: access_log::AccessLog,
+    /// Upgraded (WebSocket) tunnels outlive the request that made them; this set owns them.
+    tasks: TaskSet,
+}
+
+/// A JoinSet that can be spawned into from shared references.
+#[derive(Default)]
+pub(crate) struct TaskSet(Mutex<JoinSet<()>>);
+
+impl TaskSet {
+    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut set) = self.0.lock() {
+            while set.try_join_next().is_some() {}
+            set.spawn(fut);
+        }
+    }
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() { "unknown".into() } else { s.to_string() }
+}
+
+impl Ctx {
+    /// Istio's labels: outbound requests report as `source` with the endpoint's workload as destination;
+    /// inbound ones report as `destination` with this workload and the services its port serves.
+    fn request_labels(&self, conn: &http::ConnInfo, o: &Outcome<'_>, grpc: bool, resp_headers: &::http::HeaderMap) -> RequestLabels {
+        let me = &self.workload;
+        let dest = o.endpoint.map(|e| &e.config.workload);
+        let service = o.cluster.and_then(|c| c.config.services.first().cloned());
+        let (dest_service, dest_service_name, dest_service_ns) = match (&service, o.cluster) {
+            (Some(s), _) => (s.host.clone(), s.name.clone(), s.namespace.clone()),
+            (None, Some(c)) => {
+                let host = c.config.name.rsplit('|').next().unwrap_or_default().to_string();
+                let name = host.split('.').next().unwrap_or_default().to_string();
+                let ns = host.split('.').nth(1).unwrap_or_default().to_string();
+                (host, name, ns)
+            }
+            _ => (String::new(), String::new(), String::new()),
+        };
+        let mut l = RequestLabels {
+            reporter: if conn.inbound { "destination" } else { "source" }.into(),
+            request_protocol: if grpc { "grpc" } else { "http" }.into(),
+            response_code: o.status.to_string(),
+            grpc_response_status: resp_headers.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
+            response_flags: o.flags.to_string(),
+            connection_security_policy: if conn.inbound { "none" } else { "unknown" }.into(),
+            destination_service: or_unknown(&dest_service),
+            destination_service_name: or_unknown(&dest_service_name),
+            destination_service_namespace: or_unknown(&dest_service_ns),
+            destination_cluster: "Kubernetes".into(),
+            ..Default::default()
+        };
+        if conn.inbound {
+            l.source_workload = "unknown".into();
+            l.source_workload_namespace = "unknown".into();
+            l.source_principal = "unknown".into();
+            l.source_app = "unknown".into();
+            l.source_version = "unknown".into();
+            l.destination_workload = me.name.clone();
+            l.destination_workload_namespace = me.namespace.clone();
+            l.destination_app = me.app.clone();
+            l.destination_version = me.version.clone();
+            l.destination_principal = "unknown".into();
+        } else {
+            l.source_workload = me.name.clone();
+            l.source_workload_namespace = me.namespace.clone();
+            l.source_app = me.app.clone();
+            l.source_version = me.version.clone();
+            l.source_principal = "unknown".into();
+            l.destination_workload = or_unknown(dest.map_or("", |w| w.name.as_str()));
+            l.destination_workload_namespace = or_unknown(dest.map_or("", |w| w.namespace.as_str()));
+            l.destination_app = or_unknown(dest.map_or("", |w| w.app.as_str()));
+            l.destination_version = or_unknown(dest.map_or("", |w| w.version.as_str()));
+            l.destination_principal = "unknown".into();
+        }
+        l
+    }
+
+    fn tcp_labels(&self, inbound: bool, cluster: Option<&ClusterState>, endpoint: Option<&EndpointState>) -> TcpLabels {
+        let me = &self.workload;
+        let dest = endpoint.map(|e| &e.config.workload);
+        let host = cluster.map(|c| c.config.services.first().map_or_else(|| c.config.name.rsplit('|').next().unwrap_or_default().to_string(), |s| s.host.clone()));
+        let host = host.unwrap_or_default();
+        let (src_w, src_ns, dst_w, dst_ns) = if inbound {
+            ("unknown".to_string(), "unknown".to_string(), me.name.clone(), me.namespace.clone())
+        } else {
+            (
+                me.name.clone(),
+                me.namespace.clone(),
+                or_unknown(dest.map_or("", |w| w.name.as_str())),
+                or_unknown(dest.map_or("", |w| w.namespace.as_str())),
+            )
+        };
+        TcpLabels {
+            reporter: if inbound { "destination" } else { "source" }.into(),
+            source_workload: src_w,
+            source_workload_namespace: src_ns,
+            source_principal: "unknown".into(),
+            destination_workload: dst_w,
+            destination_workload_namespace: dst_ns,
+            destination_principal: "unknown".into(),
+            destination_service_name: or_unknown(host.split('.').next().unwrap_or_default()),
+            destination_service_namespace: or_unknown(host.split('.').nth(1).unwrap_or_default()),
+            destination_service: or_unknown(&host),
+            response_flags: "-".into(),
+            connection_security_policy: if inbound { "none" } else { "unknown" }.into(),
+        }
+    }
+}
+
+/// What the metrics record of one request; borrowed from the HTTP path's outcome.
+struct Outcome<'a> {
+    status: ::http::StatusCode,
+    flags: &'a str,
+    cluster: Option<&'a ClusterState>,
+    endpoint: Option<&'a EndpointState>,
+}

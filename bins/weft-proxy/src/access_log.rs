@@ -1,0 +1,150 @@
+//! Access log lines in Istio's default text format (Envoy's format string that istiod configures), so
+//! log pipelines built for Istio parse them unchanged.
+
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    io::Write,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http::{HeaderMap, Method, Version};
+
+pub struct Entry<'a> {
+    pub start: SystemTime,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub version: Version,
+    pub status: u16,
+    pub flags: &'a str,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: Duration,
+    pub headers: &'a HeaderMap,
+    pub authority: &'a str,
+    pub upstream_host: Option<String>,
+    pub upstream_cluster: Option<&'a str>,
+    pub downstream_local: SocketAddr,
+    pub downstream_remote: SocketAddr,
+    pub route_name: &'a str,
+}
+
+/// Open log files by path, shared by every listener that logs to the same place.
+#[derive(Debug, Default)]
+pub struct AccessLog {
+    files: Mutex<HashMap<String, File>>,
+}
+
+impl AccessLog {
+    pub fn format(&self, e: &Entry<'_>) -> String {
+        let h = |name: &str| e.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+        format!(
+            "[{}] \"{} {} {:?}\" {} {} - - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} - {}\n",
+            rfc3339_millis(e.start),
+            e.method,
+            e.path,
+            e.version,
+            e.status,
+            e.flags,
+            e.bytes_received,
+            e.bytes_sent,
+            e.duration.as_millis(),
+            h("x-forwarded-for"),
+            h("user-agent"),
+            h("x-request-id"),
+            dash(e.authority),
+            e.upstream_host.as_deref().unwrap_or("-"),
+            e.upstream_cluster.unwrap_or("-"),
+            e.downstream_local,
+            e.downstream_remote,
+            dash(e.route_name),
+        )
+    }
+
+    pub fn write(&self, path: &str, line: &str) {
+        if path == "/dev/stdout" {
+            let _ = std::io::stdout().lock().write_all(line.as_bytes());
+            return;
+        }
+        let Ok(mut files) = self.files.lock() else { return };
+        if !files.contains_key(path) {
+            match OpenOptions::new().create(true).append(true).open(path) {
+                Ok(f) => {
+                    files.insert(path.to_string(), f);
+                }
+                Err(e) => {
+                    tracing::warn!(path, error = %e, "cannot open access log");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = files.get_mut(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// `2026-11-27T03:04:05.678Z`, computed without a date library (days-from-civil inverse).
+fn rfc3339_millis(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_millis(UNIX_EPOCH + Duration::from_millis(1_795_748_645_123)), "2026-11-27T03:04:05.123Z");
+    }
+
+    #[test]
+    fn lines_follow_istios_default_format() {
+        let mut headers = HeaderMap::new();
+        headers.insert("user-agent", "curl/8".parse().expect("value"));
+        let line = AccessLog::default().format(&Entry {
+            start: UNIX_EPOCH,
+            method: &Method::GET,
+            path: "/api?x=1",
+            version: Version::HTTP_11,
+            status: 200,
+            flags: "-",
+            bytes_received: 0,
+            bytes_sent: 12,
+            duration: Duration::from_millis(3),
+            headers: &headers,
+            authority: "backend:9080",
+            upstream_host: Some("127.0.0.21:9080".into()),
+            upstream_cluster: Some("outbound|9080|v1|backend.demo.svc.cluster.local"),
+            downstream_local: "127.0.0.10:9080".parse().expect("addr"),
+            downstream_remote: "127.0.0.1:5555".parse().expect("addr"),
+            route_name: "default",
+        });
+        assert_eq!(
+            line,
+            "[1970-01-01T00:00:00.000Z] \"GET /api?x=1 HTTP/1.1\" 200 - - - \"-\" 0 12 3 - \"-\" \"curl/8\" \"-\" \"backend:9080\" \"127.0.0.21:9080\" outbound|9080|v1|backend.demo.svc.cluster.local - 127.0.0.10:9080 127.0.0.1:5555 - default\n"
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! The admin endpoints, on Istio's ports: `/config_dump`, `/clusters`, `/ready` and `/stats/prometheus`
+//! on 15000, and `/stats/prometheus` on 15090.
+
+use std::{convert::Infallible, fmt::Write, sync::Arc};
+
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::warn;
+
+use crate::{Ctx, state::ProxyState};
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
+}
+
+/// An Envoy-shaped dump of what is applied: the same sections as Envoy's `/config_dump`, with each
+/// resource in weft-proxy's own typed form.
+pub fn config_dump(state: &ProxyState) -> serde_json::Value {
+    let clusters: Vec<_> = state
+        .clusters
+        .values()
+        .map(|c| json!({"cluster": c.config, "endpoints": c.endpoints.iter().map(|e| &e.config).collect::<Vec<_>>()}))
+        .collect();
+    json!({
+        "configs": [
+            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": state.listeners.values().collect::<Vec<_>>()},
+            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
+            {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": state.routes.values().map(|r| r.as_ref()).collect::<Vec<_>>()},
+        ],
+        "xds_connected": state.xds_connected,
+    })
+}
+
+/// Envoy's `/clusters` text: one `cluster::address::field::value` line per endpoint fact.
+pub fn clusters_text(state: &ProxyState) -> String {
+    let mut out = String::new();
+    for c in state.clusters.values() {
+        for e in &c.endpoints {
+            let name = &c.config.name;
+            let addr = e.config.address;
+            let health = if e.config.healthy { "healthy" } else { "/failed_eds_health" };
+            let _ = writeln!(out, "{name}::{addr}::health_flags::{health}");
+            let _ = writeln!(out, "{name}::{addr}::weight::{}", e.config.weight);
+            let _ = writeln!(out, "{name}::{addr}::rq_active::{}", e.active.load(std::sync::atomic::Ordering::Relaxed));
+        }
+    }
+    out
+}
+
+fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
+    let state = ctx.state.borrow().clone();
+    match req.uri().path() {
+        "/config_dump" => match serde_json::to_string_pretty(&config_dump(&state)) {
+            Ok(s) => reply(StatusCode::OK, "application/json", s),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+        },
+        "/clusters" => reply(StatusCode::OK, "text/plain", clusters_text(&state)),
+        "/ready" | "/healthz/ready" => {
+            if state.ready() && !ctx.drain.is_draining() {
+                reply(StatusCode::OK, "text/plain", "LIVE\n".into())
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "PRE_INITIALIZING\n".into())
+            }
+        }
+        "/stats/prometheus" | "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, &ctx.registry) {
+                Ok(()) => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let mut conns = JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => { warn!(error = %e, "admin accept failed"); continue }
+            },
+            () = ctx.drain.signaled() => break,
+        };
+        while conns.try_join_next().is_some() {}
+        let ctx = ctx.clone();
+        conns.spawn(async move {
+            let svc = service_fn(|req| {
+                let resp = route(&req, &ctx);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+    conns.abort_all();
+}

@@ -1,0 +1,87 @@
+//! Wiring: `build()` binds the admin and metrics ports (a conflict fails at start); `run()` starts the
+//! ADS client, which binds listeners as config arrives, and serves until drained.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tracing::{Instrument, info, info_span};
+use weft_drain::DrainWatcher;
+use weft_telemetry::IstioMetrics;
+
+use crate::{
+    Ctx, admin,
+    config::Config,
+    listeners::ListenerManager,
+    state::{ProxyState, XdsHandler},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot bind the {what} address {address}: {source}")]
+    Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
+}
+
+pub struct App {
+    config: Config,
+    admin: TcpListener,
+    stats: TcpListener,
+    state: watch::Sender<Arc<ProxyState>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(address).await.map_err(|source| Error::Bind { what, address, source })
+}
+
+pub async fn build(config: Config) -> Result<App, Error> {
+    let admin = bind("admin", config.admin_address).await?;
+    let stats = bind("metrics", config.stats_address).await?;
+    let (state, _) = watch::channel(Arc::new(ProxyState::default()));
+    Ok(App { config, admin, stats, state })
+}
+
+impl App {
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+
+    pub fn stats_address(&self) -> Option<SocketAddr> {
+        self.stats.local_addr().ok()
+    }
+
+    /// The applied config, for tests that wait for a route or endpoint to arrive.
+    pub fn state(&self) -> watch::Receiver<Arc<ProxyState>> {
+        self.state.subscribe()
+    }
+
+    pub async fn run(self, drain: DrainWatcher) {
+        let App { config, admin, stats, state } = self;
+        let mut registry = Registry::default();
+        let metrics = IstioMetrics::new(&mut registry);
+        let ctx = Arc::new(Ctx {
+            state: state.subscribe(),
+            metrics,
+            registry: Arc::new(registry),
+            workload: config.workload.clone(),
+            drain: drain.clone(),
+            access_log: Default::default(),
+            tasks: Default::default(),
+        });
+        info!(node = %config.node.id, xds = %config.xds_address, "weft-proxy starting");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(admin::serve(admin, ctx.clone()).instrument(info_span!("admin")));
+        tasks.spawn(admin::serve(stats, ctx.clone()).instrument(info_span!("stats")));
+        let handler = XdsHandler::new(state, ListenerManager::new(ctx.clone()));
+        let xds = weft_xds::client::ClientConfig::new(config.xds_address.clone(), config.node.clone());
+        tasks.spawn(weft_xds::client::run(xds, handler, drain.clone()).instrument(info_span!("xds")));
+        drop(ctx);
+        drop(drain);
+        while tasks.join_next().await.is_some() {}
+    }
+}

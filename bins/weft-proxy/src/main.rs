@@ -1,0 +1,56 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use weft_proxy::{app, config::Config};
+
+/// Weft's sidecar proxy. The workload is described by Istio's environment variables: POD_NAME,
+/// POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT, ISTIO_METAJSON_LABELS and ISTIO_META_*.
+#[derive(Debug, Parser)]
+#[command(name = "weft-proxy", version)]
+struct Args {
+    /// The control plane's ADS address.
+    #[arg(long, env = "WEFT_PROXY_XDS_ADDRESS", default_value = "http://127.0.0.1:15010")]
+    xds_address: String,
+}
+
+fn main() -> ExitCode {
+    let Args { xds_address } = Args::parse();
+    let xds_address = if xds_address.contains("://") { xds_address } else { format!("http://{xds_address}") };
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    let config = match Config::from_env(xds_address, &vars) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("weft-proxy: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    weft_telemetry::init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-proxy: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let grace = config.drain_duration;
+    let app = app::build(config).await?;
+    let (trigger, watcher) = weft_drain::new();
+    let running = tokio::spawn(app.run(watcher));
+    weft_telemetry::shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, draining those in flight");
+    if tokio::time::timeout(grace, trigger.drain()).await.is_err() {
+        tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    running.abort();
+    Ok(())
+}
