@@ -26,8 +26,8 @@ pub fn load(dir: &Path, mesh: &MeshOptions) -> Model {
     model
 }
 
-/// Names, sizes and modification times of every file under `dir`: cheap to take, and it changes when
-/// any manifest is added, removed or edited.
+/// Names, sizes and modification times of every manifest under `dir`: cheap to take, and it changes
+/// when any manifest is added, removed or edited (other files, such as logs, do not count).
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -38,7 +38,7 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
                 stack.push(path);
-            } else {
+            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
                 out.push((path, meta.len(), meta.modified().ok()));
             }
         }

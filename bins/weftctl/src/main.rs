@@ -1,0 +1,57 @@
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+/// Weft's command line.
+#[derive(Debug, Parser)]
+#[command(name = "weftctl", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole mesh on this machine (weftd, a proxy per workload, a sample app) and drive traffic
+    /// through a routing rule; exits 0 only if all traffic behaved as configured.
+    Demo {
+        /// Stop after this long (`10s`, `2m`); without it the demo runs until Ctrl-C.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Requests per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Where to write the demo's manifests (default: a new temporary directory).
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    weft_api::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let Args { command } = Args::parse();
+    // The demo prints its own progress; logs show only problems unless RUST_LOG asks for more.
+    weft_telemetry::init_tracing_with_default("warn");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weftctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        Command::Demo { duration, rate, config_dir } => {
+            match runtime.block_on(weftctl::demo::run(weftctl::demo::Options { duration, rate, config_dir })) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("weftctl demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
