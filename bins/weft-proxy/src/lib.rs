@@ -76,7 +76,7 @@ impl Ctx {
         let mut l = RequestLabels {
             reporter: if conn.inbound { "destination" } else { "source" }.into(),
             request_protocol: if grpc { "grpc" } else { "http" }.into(),
-            response_code: o.status.to_string(),
+            response_code: o.status.as_u16().to_string(),
             grpc_response_status: resp_headers.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
             response_flags: o.flags.to_string(),
             connection_security_policy: if conn.inbound { "none" } else { "unknown" }.into(),

@@ -43,6 +43,7 @@ pub struct App {
     generator: watch::Sender<Arc<dyn SnapshotGenerator>>,
     registry: Arc<Registry>,
     metrics: XdsMetrics,
+    loaded: source::Fingerprint,
 }
 
 impl std::fmt::Debug for App {
@@ -61,11 +62,12 @@ pub async fn build(config: Config) -> Result<App, Error> {
     }
     let xds = bind("xDS", config.xds_address).await?;
     let monitoring = bind("monitoring", config.monitoring_address).await?;
+    let loaded = source::fingerprint(&config.config_dir);
     let model = Arc::new(source::load(&config.config_dir, &config.mesh));
     let (generator, _) = watch::channel(Arc::new(Generator { model }) as Arc<dyn SnapshotGenerator>);
     let mut registry = Registry::default();
     let metrics = XdsMetrics::new(&mut registry);
-    Ok(App { config, xds, monitoring, generator, registry: Arc::new(registry), metrics })
+    Ok(App { config, xds, monitoring, generator, registry: Arc::new(registry), metrics, loaded })
 }
 
 impl App {
@@ -84,12 +86,12 @@ impl App {
 
     /// Serves xDS and metrics and watches the config directory until `drain` is signaled.
     pub async fn run(self, drain: DrainWatcher) -> Result<(), Error> {
-        let App { config, xds, monitoring, generator, registry, metrics } = self;
+        let App { config, xds, monitoring, generator, registry, metrics, loaded } = self;
         info!(xds = %xds.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), config_dir = %config.config_dir.display(), "weftd serving");
         let mut tasks = JoinSet::new();
-        let watcher = source::watch_dir(config.config_dir.clone(), config.mesh.clone(), config.poll_interval, generator.clone(), drain.clone());
+        let watcher = source::watch_dir(loaded, config.config_dir.clone(), config.mesh.clone(), config.poll_interval, generator.clone(), drain.clone());
         tasks.spawn(watcher.instrument(info_span!("config_source")));
-        tasks.spawn(serve_metrics(monitoring, registry, drain.clone()).instrument(info_span!("monitoring")));
+        tasks.spawn(serve_metrics(monitoring, registry, metrics.clone(), drain.clone()).instrument(info_span!("monitoring")));
         let ads = AdsServer::new(generator.subscribe(), metrics, drain.clone()).into_service();
         let shutdown = { let d = drain.clone(); async move { d.signaled().await } };
         let result = tonic::transport::Server::builder()
@@ -103,8 +105,9 @@ impl App {
     }
 }
 
-/// `/metrics` in Prometheus text format, on Istio's control-plane monitoring port.
-async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>, drain: DrainWatcher) {
+/// `/metrics` in Prometheus text format, on Istio's control-plane monitoring port, and `/debug/nacks`:
+/// the recent NACKs with each proxy's `error_detail`, as JSON.
+async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>, xds: XdsMetrics, drain: DrainWatcher) {
     let mut conns = JoinSet::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -115,10 +118,17 @@ async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>, drain: Dr
             () = drain.signaled() => break,
         };
         let registry = registry.clone();
+        let xds = xds.clone();
         let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
             let registry = registry.clone();
+            let xds = xds.clone();
             async move {
-                let (status, body) = if req.uri().path() == "/metrics" {
+                let (status, body) = if req.uri().path() == "/debug/nacks" {
+                    match serde_json::to_string_pretty(&xds.recent_nacks()) {
+                        Ok(json) => (200, json),
+                        Err(e) => (500, format!("cannot encode NACKs: {e}")),
+                    }
+                } else if req.uri().path() == "/metrics" {
                     let mut text = String::new();
                     match prometheus_client::encoding::text::encode(&mut text, &registry) {
                         Ok(()) => (200, text),

@@ -26,9 +26,12 @@ pub fn load(dir: &Path, mesh: &MeshOptions) -> Model {
     model
 }
 
+/// What a directory held when it was last read.
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
 /// Names, sizes and modification times of every manifest under `dir`: cheap to take, and it changes
 /// when any manifest is added, removed or edited (other files, such as logs, do not count).
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+pub fn fingerprint(dir: &Path) -> Fingerprint {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -47,15 +50,16 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-/// Watches `dir` by polling every `interval` and publishes a new generator whenever it changes.
+/// Watches `dir` by polling every `interval` and publishes a new generator whenever it differs from
+/// `last`, the fingerprint taken before the config now served was loaded (so no change falls between).
 pub async fn watch_dir(
+    mut last: Fingerprint,
     dir: PathBuf,
     mesh: MeshOptions,
     interval: Duration,
     publish: watch::Sender<Arc<dyn SnapshotGenerator>>,
     drain: DrainWatcher,
 ) {
-    let mut last = fingerprint(&dir);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -67,8 +71,8 @@ pub async fn watch_dir(
         if now == last {
             continue;
         }
-        last = now;
         info!(dir = %dir.display(), "config directory changed; reloading");
+        last = now;
         let model = Arc::new(load(&dir, &mesh));
         publish.send_replace(Arc::new(Generator { model }));
     }

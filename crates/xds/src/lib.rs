@@ -12,7 +12,7 @@ mod snapshot;
 pub mod structs;
 
 pub use envoy_types::pb;
-pub use metrics::XdsMetrics;
+pub use metrics::{Nack, XdsMetrics};
 pub use node::{NodeInfo, ProxyId, ProxyIdError};
 pub use snapshot::{Snapshot, pack};
 

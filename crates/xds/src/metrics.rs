@@ -1,3 +1,8 @@
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -16,7 +21,19 @@ pub struct XdsMetrics {
     pub(crate) acks: Family<TypeLabels, Counter>,
     pub(crate) nacks: Family<TypeLabels, Counter>,
     pub(crate) connected: Gauge,
+    recent_nacks: Arc<Mutex<VecDeque<Nack>>>,
 }
+
+/// One rejected response: which proxy, which type, and the proxy's own words for why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Nack {
+    pub node: String,
+    pub type_url: String,
+    pub error_detail: String,
+}
+
+/// How many NACKs weftd remembers for `/debug/nacks`.
+const RECENT_NACKS: usize = 64;
 
 impl XdsMetrics {
     pub fn new(registry: &mut Registry) -> Self {
@@ -31,6 +48,21 @@ impl XdsMetrics {
 
     pub(crate) fn labels(type_url: &str) -> TypeLabels {
         TypeLabels { type_url: crate::type_url::short(type_url).to_string() }
+    }
+
+    pub(crate) fn record_nack(&self, nack: Nack) {
+        self.nacks.get_or_create(&Self::labels(&nack.type_url)).inc();
+        if let Ok(mut recent) = self.recent_nacks.lock() {
+            if recent.len() == RECENT_NACKS {
+                recent.pop_front();
+            }
+            recent.push_back(nack);
+        }
+    }
+
+    /// The most recent NACKs, oldest first, so an operator can see which proxy rejected what and why.
+    pub fn recent_nacks(&self) -> Vec<Nack> {
+        self.recent_nacks.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// NACKs seen so far for one resource type (`Cluster`, `Listener`, ...); tests wait on it.

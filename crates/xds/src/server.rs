@@ -21,6 +21,7 @@ use weft_drain::DrainWatcher;
 
 use crate::{
     NodeInfo, Snapshot, XdsMetrics,
+    metrics::Nack,
     pb::envoy::service::discovery::v3::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
         aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
@@ -177,9 +178,14 @@ impl SotwStream {
             }
             match next_event(&mut self.requests, &mut self.config, &self.drain).await {
                 Event::Request(req) => {
+                    // Marking the config seen here must not swallow a change that arrived with it.
+                    let changed = self.config.has_changed().unwrap_or(false);
                     let generator = self.config.borrow_and_update().clone();
                     if let Err(status) = self.proto.on_request(req, generator.as_ref()) {
                         return Some((Err(status), self));
+                    }
+                    if changed {
+                        self.proto.on_config(generator.as_ref());
                     }
                 }
                 Event::ConfigChanged => {
@@ -243,9 +249,9 @@ impl SotwState {
             return Ok(());
         }
         if let Some(error) = &req.error_detail {
-            self.metrics.nacks.get_or_create(&labels).inc();
             warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
                 kept_version = %req.version_info, error_detail = %error.message, "proxy rejected config (NACK)");
+            self.metrics.record_nack(Nack { node: node_id, type_url: req.type_url.clone(), error_detail: error.message.clone() });
             return Ok(());
         }
         if !req.response_nonce.is_empty() {
@@ -317,9 +323,14 @@ impl DeltaStream {
             }
             match next_event(&mut self.requests, &mut self.config, &self.drain).await {
                 Event::Request(req) => {
+                    // Marking the config seen here must not swallow a change that arrived with it.
+                    let changed = self.config.has_changed().unwrap_or(false);
                     let generator = self.config.borrow_and_update().clone();
                     if let Err(status) = self.proto.on_request(req, generator.as_ref()) {
                         return Some((Err(status), self));
+                    }
+                    if changed {
+                        self.proto.on_config(generator.as_ref());
                     }
                 }
                 Event::ConfigChanged => {
@@ -373,9 +384,9 @@ impl DeltaState {
         let labels = XdsMetrics::labels(&req.type_url);
         let node_id = self.node.as_ref().map_or("", |n| n.id.as_str()).to_string();
         if let Some(error) = &req.error_detail {
-            self.metrics.nacks.get_or_create(&labels).inc();
             warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
                 error_detail = %error.message, "proxy rejected config (NACK)");
+            self.metrics.record_nack(Nack { node: node_id.clone(), type_url: req.type_url.clone(), error_detail: error.message.clone() });
         } else if !req.response_nonce.is_empty() {
             self.metrics.acks.get_or_create(&labels).inc();
         }
