@@ -30,7 +30,12 @@ use weft_drain::{DrainTrigger, DrainWatcher};
 pub fn next_ip() -> IpAddr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() % 64 * 256;
-    IpAddr::V4(Ipv4Addr::new(127, 1 + (n / 65_024 % 200) as u8, (n / 254 % 256) as u8, (n % 254 + 1) as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        1 + (n / 65_024 % 200) as u8,
+        (n / 254 % 256) as u8,
+        (n % 254 + 1) as u8,
+    ))
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or fails the test with `what` at the deadline.
@@ -44,7 +49,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -73,7 +81,11 @@ impl Mesh {
         // Failures print what the components logged; RUST_LOG=info shows the whole story.
         weft_telemetry::init_tracing_with_default("warn");
         static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!("weft-it-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "weft-it-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         for (name, text) in manifests {
             std::fs::write(dir.join(name), text).expect("write manifest");
@@ -82,19 +94,33 @@ impl Mesh {
             config_dir: dir.clone(),
             xds_address: "127.0.0.1:0".parse().expect("addr"),
             monitoring_address: "127.0.0.1:0".parse().expect("addr"),
-            mesh: weftd::translate::MeshOptions { access_log_file: dir.join("access.log").display().to_string() },
+            mesh: weftd::translate::MeshOptions {
+                access_log_file: dir.join("access.log").display().to_string(),
+            },
             poll_interval: Duration::from_millis(50),
         })
         .await
         .expect("weftd builds");
         let (trigger, watcher) = weft_drain::new();
         let mut tasks = JoinSet::new();
-        let (xds, monitoring, xds_metrics) = (app.xds_address(), app.monitoring_address(), app.xds_metrics());
+        let (xds, monitoring, xds_metrics) = (
+            app.xds_address(),
+            app.monitoring_address(),
+            app.xds_metrics(),
+        );
         let w = watcher.clone();
         tasks.spawn(async move {
             app.run(w).await.expect("weftd runs");
         });
-        Self { dir, xds, monitoring, xds_metrics, trigger: Some(trigger), watcher, tasks }
+        Self {
+            dir,
+            xds,
+            monitoring,
+            xds_metrics,
+            trigger: Some(trigger),
+            watcher,
+            tasks,
+        }
     }
 
     /// Replaces (or adds) one manifest file; weftd picks the change up by itself.
@@ -113,9 +139,13 @@ impl Mesh {
             ("POD_NAMESPACE".into(), "test".into()),
             ("INSTANCE_IP".into(), ip.to_string()),
             ("SERVICE_ACCOUNT".into(), pod.into()),
-            ("ISTIO_METAJSON_LABELS".into(), serde_json::to_string(&labels).expect("json")),
+            (
+                "ISTIO_METAJSON_LABELS".into(),
+                serde_json::to_string(&labels).expect("json"),
+            ),
         ];
-        let config = weft_proxy::config::Config::from_env(format!("http://{}", self.xds), &vars).expect("proxy config");
+        let config = weft_proxy::config::Config::from_env(format!("http://{}", self.xds), &vars)
+            .expect("proxy config");
         let app = weft_proxy::app::build(config).await.expect("proxy builds");
         let proxy = Proxy {
             ip,
@@ -145,7 +175,9 @@ impl Mesh {
         let trigger = self.trigger.take().expect("not yet shut down");
         let watcher = std::mem::replace(&mut self.watcher, weft_drain::new().1);
         drop(watcher);
-        tokio::time::timeout(Duration::from_secs(10), trigger.drain()).await.expect("everything drained within 10s");
+        tokio::time::timeout(Duration::from_secs(10), trigger.drain())
+            .await
+            .expect("everything drained within 10s");
     }
 }
 
@@ -162,7 +194,11 @@ impl Proxy {
         let mut state = self.state.clone();
         wait_for("proxy config", Duration::from_secs(10), || {
             let s = state.borrow_and_update().clone();
-            async move { (s.listeners.len() >= listeners && s.clusters.values().all(|c| !c.endpoints.is_empty())).then_some(()) }
+            async move {
+                (s.listeners.len() >= listeners
+                    && s.clusters.values().all(|c| !c.endpoints.is_empty()))
+                .then_some(())
+            }
         })
         .await;
     }
@@ -171,14 +207,21 @@ impl Proxy {
 // === Manifests ===
 
 /// A Service on `port`, with an EndpointSlice and a Pod per `(ip, pod, version)` endpoint.
-pub fn service(name: &str, port_name: &str, port: u16, endpoints: &[(IpAddr, &str, &str)]) -> String {
+pub fn service(
+    name: &str,
+    port_name: &str,
+    port: u16,
+    endpoints: &[(IpAddr, &str, &str)],
+) -> String {
     let mut out = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  ports: [{{name: {port_name}, port: {port}}}]\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: test, labels: {{kubernetes.io/service-name: {name}}}}}\n\
          addressType: IPv4\nports: [{{name: {port_name}, port: {port}}}]\nendpoints:\n"
     );
     for (ip, pod, _) in endpoints {
-        out.push_str(&format!("- {{addresses: [\"{ip}\"], targetRef: {{kind: Pod, name: {pod}}}}}\n"));
+        out.push_str(&format!(
+            "- {{addresses: [\"{ip}\"], targetRef: {{kind: Pod, name: {pod}}}}}\n"
+        ));
     }
     for (_, pod, version) in endpoints {
         out.push_str(&format!(
@@ -189,7 +232,12 @@ pub fn service(name: &str, port_name: &str, port: u16, endpoints: &[(IpAddr, &st
 }
 
 /// A Sidecar with explicit listeners for the workload labelled `app`/`version`.
-pub fn sidecar(name: &str, labels: &[(&str, &str)], ingress: &[(u16, &str, SocketAddr)], egress: &[(u16, &str)]) -> String {
+pub fn sidecar(
+    name: &str,
+    labels: &[(&str, &str)],
+    ingress: &[(u16, &str, SocketAddr)],
+    egress: &[(u16, &str)],
+) -> String {
     let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     let mut out = format!(
         "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  workloadSelector: {{labels: {{{}}}}}\n",
@@ -225,8 +273,17 @@ pub struct BackendControl {
 }
 
 /// An HTTP/1.1 + h2c backend answering JSON about the request it got; `/ws` upgrades and echoes bytes.
-pub async fn http_backend(name: &str, drain: DrainWatcher) -> (SocketAddr, Arc<BackendControl>, impl Future<Output = ()> + Send + 'static) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+pub async fn http_backend(
+    name: &str,
+    drain: DrainWatcher,
+) -> (
+    SocketAddr,
+    Arc<BackendControl>,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let control = Arc::new(BackendControl::default());
     let name = name.to_string();
@@ -252,13 +309,21 @@ pub async fn http_backend(name: &str, drain: DrainWatcher) -> (SocketAddr, Arc<B
     (addr, control, task)
 }
 
-async fn backend_reply(mut req: Request<Incoming>, name: String, ctl: Arc<BackendControl>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn backend_reply(
+    mut req: Request<Incoming>,
+    name: String,
+    ctl: Arc<BackendControl>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     ctl.requests.fetch_add(1, Ordering::SeqCst);
     let delay = ctl.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay as u64)).await;
     }
-    if ctl.fail_first.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+    if ctl
+        .fail_first
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
         let mut r = Response::new(Full::new(Bytes::from("failing on purpose")));
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         return Ok(r);
@@ -278,15 +343,29 @@ async fn backend_reply(mut req: Request<Incoming>, name: String, ctl: Arc<Backen
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert(http::header::CONNECTION, "upgrade".parse().expect("value"));
-        r.headers_mut().insert(http::header::UPGRADE, "websocket".parse().expect("value"));
+        r.headers_mut()
+            .insert(http::header::CONNECTION, "upgrade".parse().expect("value"));
+        r.headers_mut()
+            .insert(http::header::UPGRADE, "websocket".parse().expect("value"));
         return Ok(r);
     }
-    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let method = req.method().to_string();
-    let headers: BTreeMap<String, String> =
-        req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string())).collect();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let json = serde_json::json!({
         "backend": name,
         "path": path,
@@ -298,7 +377,10 @@ async fn backend_reply(mut req: Request<Incoming>, name: String, ctl: Arc<Backen
 }
 
 /// A TCP server that echoes what it receives, prefixed with its name (so a test can tell who answered).
-pub async fn tcp_echo(name: &str, drain: DrainWatcher) -> (SocketAddr, impl Future<Output = ()> + Send + 'static) {
+pub async fn tcp_echo(
+    name: &str,
+    drain: DrainWatcher,
+) -> (SocketAddr, impl Future<Output = ()> + Send + 'static) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
     let addr = listener.local_addr().expect("addr");
     let greeting = format!("{name}:");
@@ -330,14 +412,19 @@ pub async fn tcp_echo(name: &str, drain: DrainWatcher) -> (SocketAddr, impl Futu
 }
 
 /// A real gRPC server: the standard health service, reporting SERVING.
-pub async fn grpc_health(drain: DrainWatcher) -> (SocketAddr, impl Future<Output = ()> + Send + 'static) {
+pub async fn grpc_health(
+    drain: DrainWatcher,
+) -> (SocketAddr, impl Future<Output = ()> + Send + 'static) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let addr = listener.local_addr().expect("addr");
     let task = async move {
         let (_reporter, service) = tonic_health::server::health_reporter();
         let _ = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move { drain.signaled().await })
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { drain.signaled().await },
+            )
             .await;
     };
     (addr, task)
@@ -356,15 +443,23 @@ pub struct Reply {
 impl Reply {
     /// The backend that answered, from its JSON body.
     pub fn backend(&self) -> String {
-        serde_json::from_str::<serde_json::Value>(&self.body).ok().and_then(|v| v["backend"].as_str().map(str::to_string)).unwrap_or_default()
+        serde_json::from_str::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["backend"].as_str().map(str::to_string))
+            .unwrap_or_default()
     }
 
     pub fn echoed_header(&self, name: &str) -> Option<String> {
-        serde_json::from_str::<serde_json::Value>(&self.body).ok().and_then(|v| v["headers"][name].as_str().map(str::to_string))
+        serde_json::from_str::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["headers"][name].as_str().map(str::to_string))
     }
 }
 
-pub type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
 
 pub fn http1_client() -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
@@ -374,28 +469,53 @@ pub fn http1_client() -> Client {
 /// client that resolved the service name would send it.
 pub async fn send_h2c(proxy: SocketAddr, authority: &str, path: &str) -> anyhow::Result<Reply> {
     let stream = TcpStream::connect(proxy).await?;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     let conn = tokio::spawn(conn);
-    let req = Request::builder().uri(format!("http://{authority}{path}")).body(Full::new(Bytes::new()))?;
+    let req = Request::builder()
+        .uri(format!("http://{authority}{path}"))
+        .body(Full::new(Bytes::new()))?;
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??;
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
     conn.abort();
-    Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// Sends `method path` to `proxy` with the given Host and headers.
-pub async fn send(client: &Client, proxy: SocketAddr, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
-    let mut req = Request::builder().method(method).uri(format!("http://{proxy}{path}")).header(http::header::HOST, host);
+pub async fn send(
+    client: &Client,
+    proxy: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{proxy}{path}"))
+        .header(http::header::HOST, host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req.body(Full::new(Bytes::new()))?)).await??;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(req.body(Full::new(Bytes::new()))?),
+    )
+    .await??;
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
-    Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// A plain HTTP GET to an admin endpoint.

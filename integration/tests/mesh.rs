@@ -1,11 +1,21 @@
 //! In-process mesh tests: weftd, proxies and backends on loopback addresses, talking real HTTP/1.1, h2c,
 //! gRPC, WebSocket and TCP. Each test builds its own mesh on fresh 127.x addresses.
 
-use std::{net::SocketAddr, sync::{Arc, atomic::Ordering}, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use http::StatusCode;
-use tokio::{io::{AsyncReadExt, AsyncWriteExt}, net::TcpStream};
-use weft_integration::{BackendControl, Mesh, Proxy, Reply, get_text, http1_client, send_h2c, next_ip, send, service, sidecar, wait_for};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use weft_integration::{
+    BackendControl, Mesh, Proxy, Reply, get_text, http1_client, next_ip, send, send_h2c, service,
+    sidecar, wait_for,
+};
 
 const HOST: &str = "backend.test.svc.cluster.local";
 const CLUSTER: &str = "outbound|9080||backend.test.svc.cluster.local";
@@ -31,18 +41,34 @@ impl Scenario {
         let app_drain = mesh.watcher();
         for v in versions {
             let ip = next_ip();
-            let (addr, control, task) = weft_integration::http_backend(&format!("backend-{v}"), app_drain.clone()).await;
+            let (addr, control, task) =
+                weft_integration::http_backend(&format!("backend-{v}"), app_drain.clone()).await;
             apps.push((ip, v.to_string(), addr, control, task));
             endpoints.push(ip);
         }
-        let eps: Vec<(std::net::IpAddr, String, String)> =
-            apps.iter().map(|(ip, v, ..)| (*ip, format!("backend-{v}-0"), v.clone())).collect();
-        let eps_ref: Vec<(std::net::IpAddr, &str, &str)> = eps.iter().map(|(ip, p, v)| (*ip, p.as_str(), v.as_str())).collect();
+        let eps: Vec<(std::net::IpAddr, String, String)> = apps
+            .iter()
+            .map(|(ip, v, ..)| (*ip, format!("backend-{v}-0"), v.clone()))
+            .collect();
+        let eps_ref: Vec<(std::net::IpAddr, &str, &str)> = eps
+            .iter()
+            .map(|(ip, p, v)| (*ip, p.as_str(), v.as_str()))
+            .collect();
         manifests.push_str(&service("backend", "http", 9080, &eps_ref));
         for (_, v, addr, ..) in &apps {
-            manifests.push_str(&sidecar(&format!("backend-{v}"), &[("app", "backend"), ("version", v)], &[(9080, "HTTP", *addr)], &[]));
+            manifests.push_str(&sidecar(
+                &format!("backend-{v}"),
+                &[("app", "backend"), ("version", v)],
+                &[(9080, "HTTP", *addr)],
+                &[],
+            ));
         }
-        manifests.push_str(&sidecar("client", &[("app", "client")], &[], &[(9080, "HTTP")]));
+        manifests.push_str(&sidecar(
+            "client",
+            &[("app", "client")],
+            &[],
+            &[(9080, "HTTP")],
+        ));
         mesh.write("rules.yaml", rules);
         mesh.write("mesh.yaml", &manifests);
         drop(app_drain);
@@ -50,28 +76,64 @@ impl Scenario {
         let mut servers = Vec::new();
         for (ip, v, _, control, task) in apps {
             mesh.spawn(task);
-            let mut p = mesh.proxy(&format!("backend-{v}-0"), ip, &[("app", "backend"), ("version", &v)]).await;
+            let mut p = mesh
+                .proxy(
+                    &format!("backend-{v}-0"),
+                    ip,
+                    &[("app", "backend"), ("version", &v)],
+                )
+                .await;
             p.ready(1).await;
             servers.push(p);
             backends.push((format!("backend-{v}"), control));
         }
-        let mut client = mesh.proxy("client-0", client_ip, &[("app", "client")]).await;
+        let mut client = mesh
+            .proxy("client-0", client_ip, &[("app", "client")])
+            .await;
         client.ready(1).await;
         let egress = SocketAddr::new(client_ip, 9080);
-        let s = Self { mesh, client, egress, backends, servers };
-        wait_for("the first request to route", Duration::from_secs(10), || async {
-            send(&http1_client(), egress, "GET", HOST, "/", &[]).await.ok().filter(|r| r.status != StatusCode::NOT_FOUND).map(|_| ())
-        })
+        let s = Self {
+            mesh,
+            client,
+            egress,
+            backends,
+            servers,
+        };
+        wait_for(
+            "the first request to route",
+            Duration::from_secs(10),
+            || async {
+                send(&http1_client(), egress, "GET", HOST, "/", &[])
+                    .await
+                    .ok()
+                    .filter(|r| r.status != StatusCode::NOT_FOUND)
+                    .map(|_| ())
+            },
+        )
         .await;
         s
     }
 
     async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
-        send(&http1_client(), self.egress, "GET", "backend:9080", path, headers).await.expect("request completes")
+        send(
+            &http1_client(),
+            self.egress,
+            "GET",
+            "backend:9080",
+            path,
+            headers,
+        )
+        .await
+        .expect("request completes")
     }
 
     fn control(&self, name: &str) -> &BackendControl {
-        &self.backends.iter().find(|(n, _)| n == name).expect("backend").1
+        &self
+            .backends
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("backend")
+            .1
     }
 }
 
@@ -124,7 +186,10 @@ async fn routes_match_and_act_as_the_virtual_service_says() {
     let s = Scenario::new(&["v1", "v2", "v3"], ROUTES).await;
 
     let r = s.get("/direct", &[]).await;
-    assert_eq!((r.status.as_u16(), r.body.as_str()), (418, "short and stout"));
+    assert_eq!(
+        (r.status.as_u16(), r.body.as_str()),
+        (418, "short and stout")
+    );
 
     let r = s.get("/moved", &[]).await;
     assert_eq!(r.status, StatusCode::FOUND);
@@ -133,13 +198,19 @@ async fn routes_match_and_act_as_the_virtual_service_says() {
     let r = s.get("/old/thing?q=1", &[]).await;
     assert_eq!(r.backend(), "backend-v1");
     assert!(r.body.contains("\"path\":\"/new/thing?q=1\""), "{}", r.body);
-    assert_eq!(r.echoed_header("host").as_deref(), Some("rewritten.example"));
+    assert_eq!(
+        r.echoed_header("host").as_deref(),
+        Some("rewritten.example")
+    );
 
     let r = s.get("/headers", &[("x-remove-me", "1")]).await;
     assert_eq!(r.echoed_header("x-added").as_deref(), Some("yes"));
     assert_eq!(r.echoed_header("x-remove-me"), None);
     assert_eq!(r.headers["x-answered-by"], "weft");
-    assert!(r.echoed_header("x-request-id").is_some(), "the proxy adds x-request-id");
+    assert!(
+        r.echoed_header("x-request-id").is_some(),
+        "the proxy adds x-request-id"
+    );
 
     for (path, headers, method, want) in [
         ("/items/42", vec![], "GET", "backend-v2"),
@@ -149,7 +220,9 @@ async fn routes_match_and_act_as_the_virtual_service_says() {
         ("/", vec![], "DELETE", "backend-v3"),
         ("/anything", vec![], "GET", "backend-v1"),
     ] {
-        let r = send(&http1_client(), s.egress, method, "backend", path, &headers).await.expect("request");
+        let r = send(&http1_client(), s.egress, method, "backend", path, &headers)
+            .await
+            .expect("request");
         assert_eq!(r.backend(), want, "{method} {path} {headers:?}");
     }
 
@@ -159,10 +232,26 @@ async fn routes_match_and_act_as_the_virtual_service_says() {
             v2 += 1;
         }
     }
-    assert!((70..130).contains(&v2), "a 50/50 split sent {v2} of 200 to v2");
+    assert!(
+        (70..130).contains(&v2),
+        "a 50/50 split sent {v2} of 200 to v2"
+    );
 
-    let r = send(&http1_client(), s.egress, "GET", "unknown.example", "/", &[]).await.expect("request");
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "no virtual host means 404 (NR)");
+    let r = send(
+        &http1_client(),
+        s.egress,
+        "GET",
+        "unknown.example",
+        "/",
+        &[],
+    )
+    .await
+    .expect("request");
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "no virtual host means 404 (NR)"
+    );
 }
 
 fn lb_rule(policy: &str) -> String {
@@ -175,23 +264,44 @@ fn lb_rule(policy: &str) -> String {
 async fn load_balancing_policies_spread_requests() {
     use weft_proxy::model::LbPolicy;
     let s = Scenario::new(&["a", "b", "c"], &lb_rule("ROUND_ROBIN")).await;
-    for (policy, lb) in [("ROUND_ROBIN", LbPolicy::RoundRobin), ("RANDOM", LbPolicy::Random), ("LEAST_REQUEST", LbPolicy::LeastRequest)] {
+    for (policy, lb) in [
+        ("ROUND_ROBIN", LbPolicy::RoundRobin),
+        ("RANDOM", LbPolicy::Random),
+        ("LEAST_REQUEST", LbPolicy::LeastRequest),
+    ] {
         s.mesh.write("rules.yaml", &lb_rule(policy));
         let mut state = s.client.state.clone();
         wait_for(policy, Duration::from_secs(10), || {
             let st = state.borrow_and_update().clone();
-            async move { st.clusters.get(CLUSTER).filter(|c| c.config.lb == lb && c.endpoints.len() == 3).map(|_| ()) }
+            async move {
+                st.clusters
+                    .get(CLUSTER)
+                    .filter(|c| c.config.lb == lb && c.endpoints.len() == 3)
+                    .map(|_| ())
+            }
         })
         .await;
-        let before: Vec<usize> = s.backends.iter().map(|(_, c)| c.requests.load(Ordering::SeqCst)).collect();
+        let before: Vec<usize> = s
+            .backends
+            .iter()
+            .map(|(_, c)| c.requests.load(Ordering::SeqCst))
+            .collect();
         for _ in 0..60 {
             assert_eq!(s.get("/", &[]).await.status, StatusCode::OK);
         }
-        let counts: Vec<usize> = s.backends.iter().zip(before).map(|((_, c), b)| c.requests.load(Ordering::SeqCst) - b).collect();
+        let counts: Vec<usize> = s
+            .backends
+            .iter()
+            .zip(before)
+            .map(|((_, c), b)| c.requests.load(Ordering::SeqCst) - b)
+            .collect();
         if lb == LbPolicy::RoundRobin {
             assert_eq!(counts, [20, 20, 20], "round robin is exact");
         } else {
-            assert!(counts.iter().all(|c| *c > 0), "{policy} reached every endpoint: {counts:?}");
+            assert!(
+                counts.iter().all(|c| *c > 0),
+                "{policy} reached every endpoint: {counts:?}"
+            );
         }
     }
 }
@@ -226,24 +336,41 @@ async fn retries_and_timeouts_follow_the_route() {
     ctl.fail_first.store(2, Ordering::SeqCst);
     let before = ctl.requests.load(Ordering::SeqCst);
     let r = s.get("/retry", &[]).await;
-    assert_eq!(r.status, StatusCode::OK, "two failures are retried away: {}", r.body);
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "two failures are retried away: {}",
+        r.body
+    );
     assert_eq!(ctl.requests.load(Ordering::SeqCst) - before, 3);
 
     ctl.fail_first.store(1, Ordering::SeqCst);
-    assert_eq!(s.get("/no-retry", &[]).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        s.get("/no-retry", &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 
     ctl.delay_ms.store(1500, Ordering::SeqCst);
     let started = tokio::time::Instant::now();
     let r = s.get("/slow", &[]).await;
-    assert_eq!((r.status, r.body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"));
-    assert!(started.elapsed() < Duration::from_millis(1200), "the route timeout cut the request short");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "the route timeout cut the request short"
+    );
 
     let before = ctl.requests.load(Ordering::SeqCst);
     let r = s.get("/per-try", &[]).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(ctl.requests.load(Ordering::SeqCst) - before, 3, "each try timed out and was retried");
+    assert_eq!(
+        ctl.requests.load(Ordering::SeqCst) - before,
+        3,
+        "each try timed out and was retried"
+    );
     ctl.delay_ms.store(0, Ordering::SeqCst);
-
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,27 +384,70 @@ async fn http2_grpc_websocket_and_tcp_pass_through_proxy_pairs() {
     let (web_addr, _ctl, web_task) = weft_integration::http_backend("web", drain.clone()).await;
     let mut manifests = service("greeter", "grpc", 9090, &[(grpc_ip, "greeter-0", "v1")]);
     manifests.push_str("---\n");
-    manifests.push_str(&service("echo", "tcp-echo", 7070, &[(echo_ip, "echo-0", "v1")]));
+    manifests.push_str(&service(
+        "echo",
+        "tcp-echo",
+        7070,
+        &[(echo_ip, "echo-0", "v1")],
+    ));
     manifests.push_str("---\n");
-    manifests.push_str(&service("web", "http-web", 9080, &[(web_ip, "web-0", "v1")]));
-    manifests.push_str(&sidecar("greeter", &[("app", "greeter")], &[(9090, "GRPC", grpc_addr)], &[]));
-    manifests.push_str(&sidecar("echo", &[("app", "echo")], &[(7070, "TCP", echo_addr)], &[]));
-    manifests.push_str(&sidecar("web", &[("app", "web")], &[(9080, "HTTP", web_addr)], &[]));
-    manifests.push_str(&sidecar("client", &[("app", "client")], &[], &[(9090, "GRPC"), (7070, "TCP"), (9080, "HTTP")]));
+    manifests.push_str(&service(
+        "web",
+        "http-web",
+        9080,
+        &[(web_ip, "web-0", "v1")],
+    ));
+    manifests.push_str(&sidecar(
+        "greeter",
+        &[("app", "greeter")],
+        &[(9090, "GRPC", grpc_addr)],
+        &[],
+    ));
+    manifests.push_str(&sidecar(
+        "echo",
+        &[("app", "echo")],
+        &[(7070, "TCP", echo_addr)],
+        &[],
+    ));
+    manifests.push_str(&sidecar(
+        "web",
+        &[("app", "web")],
+        &[(9080, "HTTP", web_addr)],
+        &[],
+    ));
+    manifests.push_str(&sidecar(
+        "client",
+        &[("app", "client")],
+        &[],
+        &[(9090, "GRPC"), (7070, "TCP"), (9080, "HTTP")],
+    ));
     mesh.write("mesh.yaml", &manifests);
     drop(drain);
     mesh.spawn(grpc_task);
     mesh.spawn(echo_task);
     mesh.spawn(web_task);
-    for (pod, ip, app) in [("greeter-0", grpc_ip, "greeter"), ("echo-0", echo_ip, "echo"), ("web-0", web_ip, "web")] {
-        mesh.proxy(pod, ip, &[("app", app), ("version", "v1")]).await.ready(1).await;
+    for (pod, ip, app) in [
+        ("greeter-0", grpc_ip, "greeter"),
+        ("echo-0", echo_ip, "echo"),
+        ("web-0", web_ip, "web"),
+    ] {
+        mesh.proxy(pod, ip, &[("app", app), ("version", "v1")])
+            .await
+            .ready(1)
+            .await;
     }
-    mesh.proxy("client-0", client_ip, &[("app", "client")]).await.ready(3).await;
+    mesh.proxy("client-0", client_ip, &[("app", "client")])
+        .await
+        .ready(3)
+        .await;
 
     // HTTP/2 (h2c) from the client app to its proxy.
     let web = SocketAddr::new(client_ip, 9080);
     let r = wait_for("h2c request", Duration::from_secs(10), || async {
-        send_h2c(web, "web.test.svc.cluster.local:9080", "/").await.ok().filter(|r| r.status == StatusCode::OK)
+        send_h2c(web, "web.test.svc.cluster.local:9080", "/")
+            .await
+            .ok()
+            .filter(|r| r.status == StatusCode::OK)
     })
     .await;
     assert_eq!(r.backend(), "web");
@@ -285,11 +455,23 @@ async fn http2_grpc_websocket_and_tcp_pass_through_proxy_pairs() {
     // gRPC over HTTP/2 on both hops, with a real gRPC client and server.
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{client_ip}:9090"))
         .expect("endpoint")
-        .origin("http://greeter.test.svc.cluster.local:9090".parse().expect("uri"));
+        .origin(
+            "http://greeter.test.svc.cluster.local:9090"
+                .parse()
+                .expect("uri"),
+        );
     let channel = endpoint.connect().await.expect("connect to the proxy");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let reply = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("grpc call through the mesh");
-    assert_eq!(reply.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("grpc call through the mesh");
+    assert_eq!(
+        reply.into_inner().status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
 
     // WebSocket: the upgrade is forwarded and bytes flow both ways afterwards.
     let mut ws = TcpStream::connect(web).await.expect("connect");
@@ -297,7 +479,11 @@ async fn http2_grpc_websocket_and_tcp_pass_through_proxy_pairs() {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(ws.read(&mut byte).await.expect("read"), 1, "connection closed during the handshake");
+        assert_eq!(
+            ws.read(&mut byte).await.expect("read"),
+            1,
+            "connection closed during the handshake"
+        );
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head);
@@ -308,7 +494,9 @@ async fn http2_grpc_websocket_and_tcp_pass_through_proxy_pairs() {
     assert_eq!(&buf, b"frames");
 
     // Raw TCP on a tcp- port.
-    let mut tcp = TcpStream::connect(SocketAddr::new(client_ip, 7070)).await.expect("connect");
+    let mut tcp = TcpStream::connect(SocketAddr::new(client_ip, 7070))
+        .await
+        .expect("connect");
     tcp.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 9];
     tcp.read_exact(&mut buf).await.expect("read");
@@ -367,7 +555,11 @@ async fn config_changes_reach_proxies_without_failed_requests() {
     }
     let _ = stop_tx.send(true);
     let (ok, failed, saw_v2) = load.await.expect("load task");
-    assert!(failed.is_empty(), "{} requests failed during the change: {failed:?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} requests failed during the change: {failed:?}",
+        failed.len()
+    );
     assert!(ok > 0 && saw_v2, "ok={ok} saw_v2={saw_v2}");
 }
 
@@ -380,15 +572,30 @@ async fn unsupported_fields_are_nacked_and_invalid_resources_skipped_while_traff
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: backend, namespace: test}\nspec:\n  host: backend\n  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}\n",
     );
     let nack = wait_for("a NACK", Duration::from_secs(10), || async {
-        s.mesh.xds_metrics.recent_nacks().into_iter().find(|n| n.node.contains("client-0"))
+        s.mesh
+            .xds_metrics
+            .recent_nacks()
+            .into_iter()
+            .find(|n| n.node.contains("client-0"))
     })
     .await;
     assert!(nack.type_url.ends_with("Cluster"), "{nack:?}");
-    assert!(nack.error_detail.contains(&format!("cluster {CLUSTER}: outlier_detection")), "{}", nack.error_detail);
+    assert!(
+        nack.error_detail
+            .contains(&format!("cluster {CLUSTER}: outlier_detection")),
+        "{}",
+        nack.error_detail
+    );
     for _ in 0..20 {
-        assert_eq!(s.get("/", &[]).await.status, StatusCode::OK, "the last good config keeps serving");
+        assert_eq!(
+            s.get("/", &[]).await.status,
+            StatusCode::OK,
+            "the last good config keeps serving"
+        );
     }
-    let (status, body) = get_text(s.mesh.monitoring, "/debug/nacks").await.expect("nacks page");
+    let (status, body) = get_text(s.mesh.monitoring, "/debug/nacks")
+        .await
+        .expect("nacks page");
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("outlier_detection"), "{body}");
 
@@ -409,33 +616,74 @@ async fn admin_metrics_and_access_logs_describe_the_traffic() {
     let (status, ready) = get_text(s.client.admin, "/ready").await.expect("ready");
     assert_eq!((status, ready.as_str()), (StatusCode::OK, "LIVE\n"));
 
-    let (_, dump) = get_text(s.client.admin, "/config_dump").await.expect("config_dump");
+    let (_, dump) = get_text(s.client.admin, "/config_dump")
+        .await
+        .expect("config_dump");
     let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
-    let listeners = dump["configs"][0]["dynamic_listeners"].as_array().expect("listeners");
+    let listeners = dump["configs"][0]["dynamic_listeners"]
+        .as_array()
+        .expect("listeners");
     assert_eq!(listeners[0]["name"], format!("{}_9080", s.client.ip));
 
-    let (_, clusters) = get_text(s.client.admin, "/clusters").await.expect("clusters");
+    let (_, clusters) = get_text(s.client.admin, "/clusters")
+        .await
+        .expect("clusters");
     let server_ip = s.servers[0].ip;
-    assert!(clusters.contains(&format!("{CLUSTER}::{server_ip}:9080::health_flags::healthy")), "{clusters}");
+    assert!(
+        clusters.contains(&format!(
+            "{CLUSTER}::{server_ip}:9080::health_flags::healthy"
+        )),
+        "{clusters}"
+    );
 
-    let (_, client_stats) = get_text(s.client.stats, "/stats/prometheus").await.expect("stats");
+    let (_, client_stats) = get_text(s.client.stats, "/stats/prometheus")
+        .await
+        .expect("stats");
     let line = client_stats
         .lines()
         .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
         .unwrap_or_else(|| panic!("no request counter in:\n{client_stats}"));
-    for label in ["reporter=\"source\"", "source_workload=\"client\"", "destination_workload=\"backend-v1\"", &format!("destination_service=\"{HOST}\""), "request_protocol=\"http\""] {
+    for label in [
+        "reporter=\"source\"",
+        "source_workload=\"client\"",
+        "destination_workload=\"backend-v1\"",
+        &format!("destination_service=\"{HOST}\""),
+        "request_protocol=\"http\"",
+    ] {
         assert!(line.contains(label), "{label} missing in {line}");
     }
-    let count: u64 = line.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("counter value");
+    let count: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("counter value");
     assert!(count >= 5, "{line}");
-    let (_, server_stats) = get_text(s.servers[0].stats, "/stats/prometheus").await.expect("stats");
-    assert!(server_stats.lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\"") && l.contains(&format!("destination_service=\"{HOST}\""))), "{server_stats}");
+    let (_, server_stats) = get_text(s.servers[0].stats, "/stats/prometheus")
+        .await
+        .expect("stats");
+    assert!(
+        server_stats
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&format!("destination_service=\"{HOST}\""))),
+        "{server_stats}"
+    );
 
     let log = s.mesh.access_log();
-    assert!(log.lines().any(|l| l.contains("\"GET /hello HTTP/1.1\" 200") && l.contains(CLUSTER)), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"GET /hello HTTP/1.1\" 200") && l.contains(CLUSTER)),
+        "{log}"
+    );
 
-    let (_, weftd_metrics) = get_text(s.mesh.monitoring, "/metrics").await.expect("weftd metrics");
-    assert!(weftd_metrics.contains("weft_xds_connected_proxies 2"), "{weftd_metrics}");
+    let (_, weftd_metrics) = get_text(s.mesh.monitoring, "/metrics")
+        .await
+        .expect("weftd metrics");
+    assert!(
+        weftd_metrics.contains("weft_xds_connected_proxies 2"),
+        "{weftd_metrics}"
+    );
 
     // SIGTERM's path: everything drains and stops within the deadline.
     let Scenario { mesh, .. } = s;

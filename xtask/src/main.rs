@@ -1,1 +1,137 @@
-fn main(){}
+//! Weft's automation, one home for it: `cargo xtask test` (everything CI checks) and `cargo xtask bench`.
+
+mod bench;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Args {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Every check CI runs, cheapest first: fmt, clippy, one crypto provider, unit and in-process tests,
+    /// then the real third-party peers (Python grpcio's xDS client, the Prometheus text parser).
+    Test {
+        /// Skip the checks against Python peers (they need python3 and PyPI for `.venv`).
+        #[arg(long)]
+        no_python: bool,
+    },
+    /// Measure weft-proxy against a direct connection (and haproxy where installed): latency at a fixed
+    /// rate, throughput at full speed, CPU per request and RSS.
+    Bench(bench::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    let Args { command } = Args::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cannot enter {}", root.display()))?;
+    match command {
+        Task::Test { no_python } => test(&root, no_python),
+        Task::Bench(options) => bench::run(&root, options),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("==> {what}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start: {what}"))?;
+    if !status.success() {
+        bail!("failed: {what} ({status})");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    c
+}
+
+/// The third-party peers the tests run against, pinned.
+const PYTHON_PEERS: [&str; 3] = ["grpcio==1.85.*", "prometheus-client==0.26.*", "pytest==9.*"];
+
+/// A virtualenv in `.venv` with the Python peers, created on first use.
+fn venv_python(root: &Path) -> anyhow::Result<PathBuf> {
+    let python = root.join(".venv/bin/python");
+    if !python.exists() {
+        run(
+            "create .venv for the Python test peers",
+            Command::new("python3").args(["-m", "venv", ".venv"]),
+        )?;
+    }
+    let mut pip = Command::new(&python);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(PYTHON_PEERS);
+    run("install the Python test peers", &mut pip)?;
+    Ok(python)
+}
+
+fn test(root: &Path, no_python: bool) -> anyhow::Result<()> {
+    run("rustfmt", &mut cargo(&["fmt", "--all", "--", "--check"]))?;
+    run(
+        "clippy",
+        &mut cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    // One crypto provider: ring. `cargo tree -i` fails when the package is absent, which is what we want.
+    let aws = cargo(&["tree", "--workspace", "-i", "aws-lc-rs"])
+        .output()
+        .context("cannot run cargo tree")?;
+    if aws.status.success() {
+        bail!(
+            "aws-lc-rs is in the dependency tree; Weft uses ring only:\n{}",
+            String::from_utf8_lossy(&aws.stdout)
+        );
+    }
+    run(
+        "unit and in-process tests",
+        &mut cargo(&["test", "--workspace", "--all-targets"]),
+    )?;
+    if no_python {
+        eprintln!("==> skipping the Python peer checks (--no-python)");
+        return Ok(());
+    }
+    let python = venv_python(root)?;
+    run(
+        "build binaries for the peer checks",
+        &mut cargo(&["build", "--bin", "weftd", "--bin", "weft-proxy"]),
+    )?;
+    let mut peers = Command::new(python);
+    peers
+        .args(["-m", "pytest", "-q", "integration/python"])
+        .env("WEFT_BIN_DIR", root.join("target/debug"));
+    run(
+        "real third-party peers (grpcio xDS client, Prometheus parser)",
+        &mut peers,
+    )
+}

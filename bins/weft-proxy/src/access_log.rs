@@ -39,8 +39,20 @@ pub struct AccessLog {
 
 impl AccessLog {
     pub fn format(&self, e: &Entry<'_>) -> String {
-        let h = |name: &str| e.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
-        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+        let h = |name: &str| {
+            e.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
         format!(
             "[{}] \"{} {} {:?}\" {} {} - - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} - {}\n",
             rfc3339_millis(e.start),
@@ -69,7 +81,9 @@ impl AccessLog {
             let _ = std::io::stdout().lock().write_all(line.as_bytes());
             return;
         }
-        let Ok(mut files) = self.files.lock() else { return };
+        let Ok(mut files) = self.files.lock() else {
+            return;
+        };
         if !files.contains_key(path) {
             match OpenOptions::new().create(true).append(true).open(path) {
                 Ok(f) => {
@@ -117,7 +131,10 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_millis(UNIX_EPOCH + Duration::from_millis(1_795_748_645_123)), "2026-11-27T03:04:05.123Z");
+        assert_eq!(
+            rfc3339_millis(UNIX_EPOCH + Duration::from_millis(1_795_748_645_123)),
+            "2026-11-27T03:04:05.123Z"
+        );
     }
 
     #[test]

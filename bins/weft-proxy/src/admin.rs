@@ -17,7 +17,10 @@ use crate::{Ctx, state::ProxyState};
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -46,10 +49,18 @@ pub fn clusters_text(state: &ProxyState) -> String {
         for e in &c.endpoints {
             let name = &c.config.name;
             let addr = e.config.address;
-            let health = if e.config.healthy { "healthy" } else { "/failed_eds_health" };
+            let health = if e.config.healthy {
+                "healthy"
+            } else {
+                "/failed_eds_health"
+            };
             let _ = writeln!(out, "{name}::{addr}::health_flags::{health}");
             let _ = writeln!(out, "{name}::{addr}::weight::{}", e.config.weight);
-            let _ = writeln!(out, "{name}::{addr}::rq_active::{}", e.active.load(std::sync::atomic::Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}::{addr}::rq_active::{}",
+                e.active.load(std::sync::atomic::Ordering::Relaxed)
+            );
         }
     }
     out
@@ -60,21 +71,32 @@ fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/config_dump" => match serde_json::to_string_pretty(&config_dump(&state)) {
             Ok(s) => reply(StatusCode::OK, "application/json", s),
-            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                e.to_string(),
+            ),
         },
         "/clusters" => reply(StatusCode::OK, "text/plain", clusters_text(&state)),
         "/ready" | "/healthz/ready" => {
             if state.ready() && !ctx.drain.is_draining() {
                 reply(StatusCode::OK, "text/plain", "LIVE\n".into())
             } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "PRE_INITIALIZING\n".into())
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "PRE_INITIALIZING\n".into(),
+                )
             }
         }
         "/stats/prometheus" | "/metrics" => {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, &ctx.registry) {
-                Ok(()) => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
-                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            match weft_telemetry::encode_prometheus_text(&ctx.registry) {
+                Ok(text) => reply(StatusCode::OK, weft_telemetry::PROMETHEUS_TEXT, text),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
             }
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
@@ -98,7 +120,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                 let resp = route(&req, &ctx);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
     conns.abort_all();

@@ -19,7 +19,11 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot bind the {what} address {address}: {source}")]
-    Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub struct App {
@@ -31,19 +35,32 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("App")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(address).await.map_err(|source| Error::Bind { what, address, source })
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Bind {
+            what,
+            address,
+            source,
+        })
 }
 
 pub async fn build(config: Config) -> Result<App, Error> {
     let admin = bind("admin", config.admin_address).await?;
     let stats = bind("metrics", config.stats_address).await?;
     let (state, _) = watch::channel(Arc::new(ProxyState::default()));
-    Ok(App { config, admin, stats, state })
+    Ok(App {
+        config,
+        admin,
+        stats,
+        state,
+    })
 }
 
 impl App {
@@ -61,7 +78,12 @@ impl App {
     }
 
     pub async fn run(self, drain: DrainWatcher) {
-        let App { config, admin, stats, state } = self;
+        let App {
+            config,
+            admin,
+            stats,
+            state,
+        } = self;
         let mut registry = Registry::default();
         let metrics = IstioMetrics::new(&mut registry);
         let ctx = Arc::new(Ctx {
@@ -78,8 +100,11 @@ impl App {
         tasks.spawn(admin::serve(admin, ctx.clone()).instrument(info_span!("admin")));
         tasks.spawn(admin::serve(stats, ctx.clone()).instrument(info_span!("stats")));
         let handler = XdsHandler::new(state, ListenerManager::new(ctx.clone()));
-        let xds = weft_xds::client::ClientConfig::new(config.xds_address.clone(), config.node.clone());
-        tasks.spawn(weft_xds::client::run(xds, handler, drain.clone()).instrument(info_span!("xds")));
+        let xds =
+            weft_xds::client::ClientConfig::new(config.xds_address.clone(), config.node.clone());
+        tasks.spawn(
+            weft_xds::client::run(xds, handler, drain.clone()).instrument(info_span!("xds")),
+        );
         drop(ctx);
         drop(drain);
         while tasks.join_next().await.is_some() {}

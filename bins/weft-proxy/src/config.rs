@@ -1,7 +1,10 @@
 //! The proxy's settings, read from Istio's environment variables (`POD_NAME`, `POD_NAMESPACE`,
 //! `INSTANCE_IP`, `SERVICE_ACCOUNT`, `ISTIO_META_*`) through a lookup function so tests pass a map.
 
-use std::{net::{IpAddr, SocketAddr}, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use serde_json::{Map, Value};
 use weft_xds::{NodeInfo, ProxyId};
@@ -41,7 +44,11 @@ pub enum ConfigError {
     #[error("{0} is required")]
     Missing(&'static str),
     #[error("invalid {name}={value:?}: {reason}")]
-    Invalid { name: String, value: String, reason: String },
+    Invalid {
+        name: String,
+        value: String,
+        reason: String,
+    },
 }
 
 impl Config {
@@ -75,7 +82,9 @@ impl Config {
         metadata.insert("NAMESPACE".into(), Value::String(namespace.clone()));
         metadata.insert("INSTANCE_IPS".into(), Value::String(ip.to_string()));
         metadata.insert("SERVICE_ACCOUNT".into(), Value::String(sa.clone()));
-        metadata.entry("INTERCEPTION_MODE").or_insert_with(|| Value::String("NONE".into()));
+        metadata
+            .entry("INTERCEPTION_MODE")
+            .or_insert_with(|| Value::String("NONE".into()));
         if metadata.get("INTERCEPTION_MODE").and_then(Value::as_str) != Some("NONE") {
             return Err(ConfigError::Invalid {
                 name: "ISTIO_META_INTERCEPTION_MODE".into(),
@@ -84,22 +93,46 @@ impl Config {
             });
         }
         let label = |k: &str| labels.get(k).and_then(Value::as_str).map(str::to_string);
-        let app = label("app").or_else(|| label("app.kubernetes.io/name")).unwrap_or_else(|| pod.clone());
+        let app = label("app")
+            .or_else(|| label("app.kubernetes.io/name"))
+            .unwrap_or_else(|| pod.clone());
         let version = label("version").unwrap_or_else(|| "latest".into());
         let workload_name = metadata
             .get("WORKLOAD_NAME")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .unwrap_or_else(|| if label("version").is_some() { format!("{app}-{version}") } else { app.clone() });
-        let id = ProxyId { proxy_type: "sidecar".into(), ip, pod_name: pod, namespace: namespace.clone(), dns_domain: format!("{namespace}.svc.cluster.local") };
+            .unwrap_or_else(|| {
+                if label("version").is_some() {
+                    format!("{app}-{version}")
+                } else {
+                    app.clone()
+                }
+            });
+        let id = ProxyId {
+            proxy_type: "sidecar".into(),
+            ip,
+            pod_name: pod,
+            namespace: namespace.clone(),
+            dns_domain: format!("{namespace}.svc.cluster.local"),
+        };
         Ok(Self {
             xds_address,
-            node: NodeInfo { id: id.to_string(), cluster: app.clone(), metadata },
+            node: NodeInfo {
+                id: id.to_string(),
+                cluster: app.clone(),
+                metadata,
+            },
             // Several proxies share one machine in explicit mode, so each binds its own workload address.
             admin_address: SocketAddr::new(ip, ADMIN_PORT),
             stats_address: SocketAddr::new(ip, STATS_PORT),
             drain_duration: Duration::from_secs(5),
-            workload: Workload { name: workload_name, namespace, app, version, service_account: sa },
+            workload: Workload {
+                name: workload_name,
+                namespace,
+                app,
+                version,
+                service_account: sa,
+            },
         })
     }
 }
@@ -109,7 +142,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -121,12 +157,18 @@ mod tests {
                 ("POD_NAMESPACE", "demo"),
                 ("INSTANCE_IP", "127.0.0.21"),
                 ("SERVICE_ACCOUNT", "backend"),
-                ("ISTIO_METAJSON_LABELS", r#"{"app":"backend","version":"v1"}"#),
+                (
+                    "ISTIO_METAJSON_LABELS",
+                    r#"{"app":"backend","version":"v1"}"#,
+                ),
                 ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
             ]),
         )
         .expect("valid");
-        assert_eq!(c.node.id, "sidecar~127.0.0.21~backend-v1-0.demo~demo.svc.cluster.local");
+        assert_eq!(
+            c.node.id,
+            "sidecar~127.0.0.21~backend-v1-0.demo~demo.svc.cluster.local"
+        );
         assert_eq!(c.node.meta_str("INTERCEPTION_MODE"), Some("NONE"));
         assert_eq!(c.node.meta_str("CLUSTER_ID"), Some("Kubernetes"));
         assert_eq!(c.workload.name, "backend-v1");
@@ -135,8 +177,15 @@ mod tests {
 
     #[test]
     fn missing_and_bad_values_name_the_variable() {
-        assert_eq!(Config::from_env(String::new(), &vars(&[("INSTANCE_IP", "1.2.3.4")])), Err(ConfigError::Missing("POD_NAME")));
-        let err = Config::from_env(String::new(), &vars(&[("POD_NAME", "p"), ("INSTANCE_IP", "nope")])).expect_err("invalid");
+        assert_eq!(
+            Config::from_env(String::new(), &vars(&[("INSTANCE_IP", "1.2.3.4")])),
+            Err(ConfigError::Missing("POD_NAME"))
+        );
+        let err = Config::from_env(
+            String::new(),
+            &vars(&[("POD_NAME", "p"), ("INSTANCE_IP", "nope")]),
+        )
+        .expect_err("invalid");
         assert!(err.to_string().contains("INSTANCE_IP"), "{err}");
     }
 }

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
 use hyper::body::{Bytes, Incoming};
@@ -18,7 +20,10 @@ use tracing::debug;
 
 use crate::{
     Ctx, lb,
-    model::{ForwardConfig, HeaderOps, HttpConfig, PathMatch, RedirectConfig, RouteAction, RouteConfig, RouteTable},
+    model::{
+        ForwardConfig, HeaderOps, HttpConfig, PathMatch, RedirectConfig, RouteAction, RouteConfig,
+        RouteTable,
+    },
     state::{Body, ClusterState, EndpointState},
 };
 
@@ -35,7 +40,9 @@ pub struct ConnInfo {
 const MAX_RETRY_BODY: u64 = 64 * 1024;
 
 fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into()).map_err(|never| match never {}).boxed()
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// What the access log and metrics record of one request.
@@ -51,16 +58,33 @@ fn local_reply(status: StatusCode, body: &str, flags: &'static str) -> (Response
     let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = status;
     if !body.is_empty() {
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
-    (resp, Outcome { status, flags, cluster: None, endpoint: None, route_name: String::new() })
+    (
+        resp,
+        Outcome {
+            status,
+            flags,
+            cluster: None,
+            endpoint: None,
+            route_name: String::new(),
+        },
+    )
 }
 
-pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>, conn: Arc<ConnInfo>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+    conn: Arc<ConnInfo>,
+) -> Result<Response<Body>, Infallible> {
     let start = tokio::time::Instant::now();
     let start_wall = SystemTime::now();
     let method = req.method().clone();
-    let path = req.uri().path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let authority = authority(&req);
     let version = req.version();
     let req_headers = req.headers().clone();
@@ -74,7 +98,9 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>, conn: Arc<ConnInfo>) 
         debug!(cluster = %c.config.name, status = %outcome.status, "forwarded");
     }
     let resp_bytes = resp.body().size_hint().exact().unwrap_or(0);
-    let grpc = req_headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc = req_headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let summary = crate::Outcome {
         status: outcome.status,
         flags: outcome.flags,
@@ -83,9 +109,18 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>, conn: Arc<ConnInfo>) 
     };
     let labels = ctx.request_labels(&conn, &summary, grpc, resp.headers());
     ctx.metrics.requests.get_or_create(&labels).inc();
-    ctx.metrics.request_duration_ms.get_or_create(&labels).observe(duration.as_secs_f64() * 1000.0);
-    ctx.metrics.request_bytes.get_or_create(&labels).observe(req_bytes as f64);
-    ctx.metrics.response_bytes.get_or_create(&labels).observe(resp_bytes as f64);
+    ctx.metrics
+        .request_duration_ms
+        .get_or_create(&labels)
+        .observe(duration.as_secs_f64() * 1000.0);
+    ctx.metrics
+        .request_bytes
+        .get_or_create(&labels)
+        .observe(req_bytes as f64);
+    ctx.metrics
+        .response_bytes
+        .get_or_create(&labels)
+        .observe(resp_bytes as f64);
     if let Some(path_out) = &conn.http.access_log {
         let line = ctx.access_log.format(&crate::access_log::Entry {
             start: start_wall,
@@ -99,7 +134,10 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>, conn: Arc<ConnInfo>) 
             duration,
             headers: &req_headers,
             authority: &authority,
-            upstream_host: outcome.endpoint.as_ref().map(|e| e.config.address.to_string()),
+            upstream_host: outcome
+                .endpoint
+                .as_ref()
+                .map(|e| e.config.address.to_string()),
             upstream_cluster: outcome.cluster.as_ref().map(|c| c.config.name.as_str()),
             downstream_local: conn.local,
             downstream_remote: conn.peer,
@@ -114,26 +152,43 @@ fn authority(req: &Request<Incoming>) -> String {
     req.uri()
         .authority()
         .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
         .unwrap_or_default()
         .to_ascii_lowercase()
 }
 
 /// Envoy's domain matching: exact, then `*.suffix`/`prefix*` wildcards, then `*`; a domain with a port
 /// only matches an authority with that port.
-fn select_virtual_host<'a>(table: &'a RouteTable, authority: &str) -> Option<&'a crate::model::VirtualHostConfig> {
-    let exact = table.virtual_hosts.iter().find(|vh| vh.domains.iter().any(|d| d == authority));
+fn select_virtual_host<'a>(
+    table: &'a RouteTable,
+    authority: &str,
+) -> Option<&'a crate::model::VirtualHostConfig> {
+    let exact = table
+        .virtual_hosts
+        .iter()
+        .find(|vh| vh.domains.iter().any(|d| d == authority));
     exact
         .or_else(|| {
             table.virtual_hosts.iter().find(|vh| {
                 vh.domains.iter().any(|d| {
                     d != "*"
                         && (d.strip_prefix('*').is_some_and(|s| authority.ends_with(s))
-                            || d.strip_suffix('*').is_some_and(|p| authority.starts_with(p)))
+                            || d.strip_suffix('*')
+                                .is_some_and(|p| authority.starts_with(p)))
                 })
             })
         })
-        .or_else(|| table.virtual_hosts.iter().find(|vh| vh.domains.iter().any(|d| d == "*")))
+        .or_else(|| {
+            table
+                .virtual_hosts
+                .iter()
+                .find(|vh| vh.domains.iter().any(|d| d == "*"))
+        })
 }
 
 fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
@@ -148,13 +203,23 @@ fn header_str(headers: &HeaderMap, name: &str, method: &Method, authority: &str)
         ":method" => Some(method.as_str().to_string()),
         ":authority" => Some(authority.to_string()),
         _ => {
-            let values: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+            let values: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
             (!values.is_empty()).then(|| values.join(","))
         }
     }
 }
 
-pub(crate) fn route_matches(route: &RouteConfig, method: &Method, uri: &Uri, headers: &HeaderMap, authority: &str) -> bool {
+pub(crate) fn route_matches(
+    route: &RouteConfig,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    authority: &str,
+) -> bool {
     let m = &route.matcher;
     let (path, lowered);
     if m.case_sensitive {
@@ -163,7 +228,13 @@ pub(crate) fn route_matches(route: &RouteConfig, method: &Method, uri: &Uri, hea
         lowered = uri.path().to_ascii_lowercase();
         path = lowered.as_str();
     }
-    let fold = |s: &str| if m.case_sensitive { s.to_string() } else { s.to_ascii_lowercase() };
+    let fold = |s: &str| {
+        if m.case_sensitive {
+            s.to_string()
+        } else {
+            s.to_ascii_lowercase()
+        }
+    };
     let path_ok = match &m.path.0 {
         PathMatch::Prefix(p) => path.starts_with(&fold(p)),
         PathMatch::Exact(p) => path == fold(p),
@@ -183,14 +254,21 @@ pub(crate) fn route_matches(route: &RouteConfig, method: &Method, uri: &Uri, hea
     });
     let query = uri.query().unwrap_or("");
     headers_ok
-        && m.query.iter().all(|q| match (query_value(query, &q.name), &q.value) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(v), Some(sm)) => sm.matches(v),
-        })
+        && m.query
+            .iter()
+            .all(|q| match (query_value(query, &q.name), &q.value) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(v), Some(sm)) => sm.matches(v),
+            })
 }
 
-async fn route_and_forward(req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo, authority: &str) -> (Response<Body>, Outcome) {
+async fn route_and_forward(
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    authority: &str,
+) -> (Response<Body>, Outcome) {
     let state = ctx.state.borrow().clone();
     let Some(table) = state.route_table(&conn.http.routes) else {
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
@@ -198,7 +276,11 @@ async fn route_and_forward(req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo, a
     let Some(vh) = select_virtual_host(&table, authority) else {
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
-    let Some(route) = vh.routes.iter().find(|r| route_matches(r, req.method(), req.uri(), req.headers(), authority)) else {
+    let Some(route) = vh
+        .routes
+        .iter()
+        .find(|r| route_matches(r, req.method(), req.uri(), req.headers(), authority))
+    else {
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
     let (mut resp, mut outcome) = match &route.action {
@@ -215,13 +297,31 @@ async fn route_and_forward(req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo, a
     (resp, outcome)
 }
 
-fn redirect(rd: &RedirectConfig, req: &Request<Incoming>, authority: &str) -> (Response<Body>, Outcome) {
-    let host = rd.host.clone().unwrap_or_else(|| authority.split(':').next().unwrap_or(authority).to_string());
+fn redirect(
+    rd: &RedirectConfig,
+    req: &Request<Incoming>,
+    authority: &str,
+) -> (Response<Body>, Outcome) {
+    let host = rd
+        .host
+        .clone()
+        .unwrap_or_else(|| authority.split(':').next().unwrap_or(authority).to_string());
     let port = rd.port.map(|p| format!(":{p}")).unwrap_or_else(|| {
-        if rd.host.is_some() { String::new() } else { authority.split_once(':').map(|(_, p)| format!(":{p}")).unwrap_or_default() }
+        if rd.host.is_some() {
+            String::new()
+        } else {
+            authority
+                .split_once(':')
+                .map(|(_, p)| format!(":{p}"))
+                .unwrap_or_default()
+        }
     });
     let scheme = rd.scheme.clone().unwrap_or_else(|| "http".into());
-    let path = rd.path.clone().unwrap_or_else(|| req.uri().path_and_query().map_or("/".into(), |p| p.as_str().to_string()));
+    let path = rd.path.clone().unwrap_or_else(|| {
+        req.uri()
+            .path_and_query()
+            .map_or("/".into(), |p| p.as_str().to_string())
+    });
     let location = format!("{scheme}://{host}{port}{path}");
     let status = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
     let (mut resp, outcome) = local_reply(status, "", "-");
@@ -247,7 +347,12 @@ fn apply_response_headers(headers: &mut HeaderMap, ops: &HeaderOps) {
 
 fn add_headers(headers: &mut HeaderMap, adds: &[crate::model::HeaderAdd]) {
     for add in adds {
-        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(add.name.as_bytes()), HeaderValue::from_str(&add.value)) else { continue };
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(add.name.as_bytes()),
+            HeaderValue::from_str(&add.value),
+        ) else {
+            continue;
+        };
         if add.overwrite {
             headers.insert(name, value);
         } else {
@@ -257,10 +362,21 @@ fn add_headers(headers: &mut HeaderMap, adds: &[crate::model::HeaderAdd]) {
 }
 
 /// Headers that describe one hop's connection and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"];
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 /// Why an attempt failed, for the retry decision and Envoy's response flags.
@@ -318,7 +434,10 @@ async fn forward(
 
     // Keep a small body so it can be sent again; stream anything else once.
     let retry = fwd.retry.as_ref().filter(|_| !websocket);
-    let small = body.size_hint().upper().is_some_and(|u| u <= MAX_RETRY_BODY);
+    let small = body
+        .size_hint()
+        .upper()
+        .is_some_and(|u| u <= MAX_RETRY_BODY);
     let (buffered, mut once) = if retry.is_some() && small {
         match body.collect().await {
             Ok(b) => (Some(b.to_bytes()), None),
@@ -327,7 +446,11 @@ async fn forward(
     } else {
         (None, Some(body))
     };
-    let max_attempts = if buffered.is_some() { retry.map_or(1, |r| r.num_retries + 1) } else { 1 };
+    let max_attempts = if buffered.is_some() {
+        retry.map_or(1, |r| r.num_retries + 1)
+    } else {
+        1
+    };
 
     let attempts = async {
         let mut last_endpoint: Option<Arc<EndpointState>> = None;
@@ -335,16 +458,33 @@ async fn forward(
         loop {
             attempt += 1;
             let Some(endpoint) = lb::pick_endpoint(&cluster, last_endpoint.as_ref()) else {
-                return Err((StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH", None));
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    "UH",
+                    None,
+                ));
             };
-            let uri = match Uri::builder().scheme("http").authority(endpoint.config.address.to_string()).path_and_query(path.as_str()).build() {
+            let uri = match Uri::builder()
+                .scheme("http")
+                .authority(endpoint.config.address.to_string())
+                .path_and_query(path.as_str())
+                .build()
+            {
                 Ok(u) => u,
                 Err(_) => return Err((StatusCode::BAD_REQUEST, "invalid path", "DPE", None)),
             };
             let body = match (&buffered, once.take()) {
                 (Some(b), _) => full(b.clone()),
                 (None, Some(incoming)) => incoming.map_err(Into::into).boxed(),
-                (None, None) => return Err((StatusCode::SERVICE_UNAVAILABLE, "request body already sent", "URX", Some(endpoint))),
+                (None, None) => {
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "request body already sent",
+                        "URX",
+                        Some(endpoint),
+                    ));
+                }
             };
             let mut upstream_req = Request::new(body);
             *upstream_req.method_mut() = parts.method.clone();
@@ -356,14 +496,20 @@ async fn forward(
             endpoint.active.fetch_add(1, Ordering::Relaxed);
             let call = cluster.client.request(upstream_req);
             let result = match retry.and_then(|r| r.per_try_timeout) {
-                Some(t) => tokio::time::timeout(t, call).await.map_err(|_| Failure::Timeout),
+                Some(t) => tokio::time::timeout(t, call)
+                    .await
+                    .map_err(|_| Failure::Timeout),
                 None => Ok(call.await),
             };
             endpoint.active.fetch_sub(1, Ordering::Relaxed);
             let failure = match result {
                 Ok(Ok(resp)) => {
                     let status = resp.status();
-                    let grpc_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u32>().ok());
+                    let grpc_status = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|s| s.parse::<u32>().ok());
                     let retriable = retry.is_some_and(|r| {
                         (r.on_5xx && status.is_server_error())
                             || (r.on_gateway_error && matches!(status.as_u16(), 502..=504))
@@ -383,7 +529,9 @@ async fn forward(
             };
             let retriable = retry.is_some_and(|r| match failure {
                 Failure::Connect => r.on_connect_failure || r.on_5xx || r.on_gateway_error,
-                Failure::Reset => r.on_reset || r.on_5xx || r.on_gateway_error || r.on_refused_stream,
+                Failure::Reset => {
+                    r.on_reset || r.on_5xx || r.on_gateway_error || r.on_refused_stream
+                }
                 Failure::Timeout => r.on_5xx || r.on_gateway_error,
             });
             if retriable && attempt < max_attempts {
@@ -393,14 +541,34 @@ async fn forward(
             }
             let flag = if attempt > 1 { "URX" } else { "-" };
             return Err(match failure {
-                Failure::Connect => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure", if flag == "-" { "UF" } else { flag }, Some(endpoint)),
-                Failure::Reset => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", if flag == "-" { "UC" } else { flag }, Some(endpoint)),
-                Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT", Some(endpoint)),
+                Failure::Connect => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                    if flag == "-" { "UF" } else { flag },
+                    Some(endpoint),
+                ),
+                Failure::Reset => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                    if flag == "-" { "UC" } else { flag },
+                    Some(endpoint),
+                ),
+                Failure::Timeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    "UT",
+                    Some(endpoint),
+                ),
             });
         }
     };
     let result = match fwd.timeout {
-        Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or(Err((StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT", None))),
+        Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or(Err((
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout",
+            "UT",
+            None,
+        ))),
         None => attempts.await,
     };
     match result {
@@ -427,7 +595,16 @@ async fn forward(
             }
             apply_response_headers(&mut rparts.headers, &choice.headers);
             let resp = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
-            (resp, Outcome { status, flags: "-", cluster: Some(cluster), endpoint: Some(endpoint), route_name: String::new() })
+            (
+                resp,
+                Outcome {
+                    status,
+                    flags: "-",
+                    cluster: Some(cluster),
+                    endpoint: Some(endpoint),
+                    route_name: String::new(),
+                },
+            )
         }
         Err((status, body, flags, endpoint)) => {
             let (resp, mut outcome) = local_reply(status, body, flags);
@@ -452,7 +629,9 @@ async fn backoff(base: Duration, attempt: u32) {
 /// The upstream path: `prefix_rewrite` replaces the matched prefix (or the whole path for exact matches).
 fn rewrite_path(uri: &Uri, route: &RouteConfig, fwd: &ForwardConfig) -> String {
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    let Some(new_prefix) = &fwd.prefix_rewrite else { return pq.to_string() };
+    let Some(new_prefix) = &fwd.prefix_rewrite else {
+        return pq.to_string();
+    };
     let path = uri.path();
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let rest = match &route.matcher.path.0 {

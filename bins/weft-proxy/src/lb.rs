@@ -28,8 +28,15 @@ pub fn pick_cluster(clusters: &[WeightedCluster]) -> Option<&WeightedCluster> {
 
 /// Picks a healthy endpoint by the cluster's policy, skipping `exclude` (the endpoint a retry just failed on)
 /// when another is available.
-pub fn pick_endpoint(cluster: &ClusterState, exclude: Option<&Arc<EndpointState>>) -> Option<Arc<EndpointState>> {
-    let mut healthy: Vec<&Arc<EndpointState>> = cluster.endpoints.iter().filter(|e| e.config.healthy).collect();
+pub fn pick_endpoint(
+    cluster: &ClusterState,
+    exclude: Option<&Arc<EndpointState>>,
+) -> Option<Arc<EndpointState>> {
+    let mut healthy: Vec<&Arc<EndpointState>> = cluster
+        .endpoints
+        .iter()
+        .filter(|e| e.config.healthy)
+        .collect();
     if healthy.len() > 1
         && let Some(ex) = exclude
     {
@@ -51,13 +58,17 @@ pub fn pick_endpoint(cluster: &ClusterState, exclude: Option<&Arc<EndpointState>
         Arc::clone(healthy[n - 1])
     };
     Some(match cluster.config.lb {
-        LbPolicy::RoundRobin => by_weight(cluster.next.fetch_add(1, Ordering::Relaxed) as u64 % total.max(1)),
+        LbPolicy::RoundRobin => {
+            by_weight(cluster.next.fetch_add(1, Ordering::Relaxed) as u64 % total.max(1))
+        }
         LbPolicy::Random => by_weight(rand::rng().random_range(0..total.max(1))),
         LbPolicy::LeastRequest => {
             let mut rng = rand::rng();
             let a = healthy[rng.random_range(0..n)];
             let b = healthy[rng.random_range(0..n)];
-            let load = |e: &EndpointState| e.active.load(Ordering::Relaxed) as f64 / f64::from(e.config.weight.max(1));
+            let load = |e: &EndpointState| {
+                e.active.load(Ordering::Relaxed) as f64 / f64::from(e.config.weight.max(1))
+            };
             Arc::clone(if load(b) < load(a) { b } else { a })
         }
     })
@@ -86,7 +97,12 @@ mod tests {
                 .iter()
                 .map(|(a, w, h)| {
                     Arc::new(EndpointState {
-                        config: EndpointConfig { address: a.parse().expect("addr"), weight: *w, healthy: *h, workload: WorkloadRef::default() },
+                        config: EndpointConfig {
+                            address: a.parse().expect("addr"),
+                            weight: *w,
+                            healthy: *h,
+                            workload: WorkloadRef::default(),
+                        },
                         active: AtomicUsize::new(0),
                     })
                 })
@@ -106,7 +122,14 @@ mod tests {
 
     #[test]
     fn round_robin_honours_weights_and_health() {
-        let c = cluster(LbPolicy::RoundRobin, &[("127.0.0.1:1", 1, true), ("127.0.0.2:1", 3, true), ("127.0.0.3:1", 5, false)]);
+        let c = cluster(
+            LbPolicy::RoundRobin,
+            &[
+                ("127.0.0.1:1", 1, true),
+                ("127.0.0.2:1", 3, true),
+                ("127.0.0.3:1", 5, false),
+            ],
+        );
         let m = counts(&c, 400);
         assert_eq!((m["127.0.0.1:1"], m["127.0.0.2:1"]), (100, 300));
         assert!(!m.contains_key("127.0.0.3:1"));
@@ -114,7 +137,10 @@ mod tests {
 
     #[test]
     fn least_request_prefers_idle_endpoints() {
-        let c = cluster(LbPolicy::LeastRequest, &[("127.0.0.1:1", 1, true), ("127.0.0.2:1", 1, true)]);
+        let c = cluster(
+            LbPolicy::LeastRequest,
+            &[("127.0.0.1:1", 1, true), ("127.0.0.2:1", 1, true)],
+        );
         c.endpoints[0].active.store(100, Ordering::Relaxed);
         let m = counts(&c, 200);
         // The busy endpoint wins only when both random choices land on it (about a quarter of the time).
@@ -123,16 +149,31 @@ mod tests {
 
     #[test]
     fn random_spreads_and_no_healthy_endpoint_means_none() {
-        let c = cluster(LbPolicy::Random, &[("127.0.0.1:1", 1, true), ("127.0.0.2:1", 1, true)]);
+        let c = cluster(
+            LbPolicy::Random,
+            &[("127.0.0.1:1", 1, true), ("127.0.0.2:1", 1, true)],
+        );
         assert_eq!(counts(&c, 200).len(), 2);
-        assert!(pick_endpoint(&cluster(LbPolicy::Random, &[("127.0.0.1:1", 1, false)]), None).is_none());
+        assert!(
+            pick_endpoint(
+                &cluster(LbPolicy::Random, &[("127.0.0.1:1", 1, false)]),
+                None
+            )
+            .is_none()
+        );
     }
 
     #[test]
     fn weighted_clusters_split_by_weight() {
-        let wc = |name: &str, weight| WeightedCluster { name: name.into(), weight, headers: HeaderOps::default() };
+        let wc = |name: &str, weight| WeightedCluster {
+            name: name.into(),
+            weight,
+            headers: HeaderOps::default(),
+        };
         let clusters = [wc("a", 90), wc("b", 10)];
-        let a = (0..2000).filter(|_| pick_cluster(&clusters).expect("cluster").name == "a").count();
+        let a = (0..2000)
+            .filter(|_| pick_cluster(&clusters).expect("cluster").name == "a")
+            .count();
         assert!((1700..1900).contains(&a), "{a}");
     }
 }

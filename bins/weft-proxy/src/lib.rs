@@ -53,20 +53,36 @@ impl TaskSet {
 }
 
 fn or_unknown(s: &str) -> String {
-    if s.is_empty() { "unknown".into() } else { s.to_string() }
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.to_string()
+    }
 }
 
 impl Ctx {
     /// Istio's labels: outbound requests report as `source` with the endpoint's workload as destination;
     /// inbound ones report as `destination` with this workload and the services its port serves.
-    fn request_labels(&self, conn: &http::ConnInfo, o: &Outcome<'_>, grpc: bool, resp_headers: &::http::HeaderMap) -> RequestLabels {
+    fn request_labels(
+        &self,
+        conn: &http::ConnInfo,
+        o: &Outcome<'_>,
+        grpc: bool,
+        resp_headers: &::http::HeaderMap,
+    ) -> RequestLabels {
         let me = &self.workload;
         let dest = o.endpoint.map(|e| &e.config.workload);
         let service = o.cluster.and_then(|c| c.config.services.first().cloned());
         let (dest_service, dest_service_name, dest_service_ns) = match (&service, o.cluster) {
             (Some(s), _) => (s.host.clone(), s.name.clone(), s.namespace.clone()),
             (None, Some(c)) => {
-                let host = c.config.name.rsplit('|').next().unwrap_or_default().to_string();
+                let host = c
+                    .config
+                    .name
+                    .rsplit('|')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
                 let name = host.split('.').next().unwrap_or_default().to_string();
                 let ns = host.split('.').nth(1).unwrap_or_default().to_string();
                 (host, name, ns)
@@ -74,10 +90,19 @@ impl Ctx {
             _ => (String::new(), String::new(), String::new()),
         };
         let mut l = RequestLabels {
-            reporter: if conn.inbound { "destination" } else { "source" }.into(),
+            reporter: if conn.inbound {
+                "destination"
+            } else {
+                "source"
+            }
+            .into(),
             request_protocol: if grpc { "grpc" } else { "http" }.into(),
             response_code: o.status.as_u16().to_string(),
-            grpc_response_status: resp_headers.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
+            grpc_response_status: resp_headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
             response_flags: o.flags.to_string(),
             connection_security_policy: if conn.inbound { "none" } else { "unknown" }.into(),
             destination_service: or_unknown(&dest_service),
@@ -104,7 +129,8 @@ impl Ctx {
             l.source_version = me.version.clone();
             l.source_principal = "unknown".into();
             l.destination_workload = or_unknown(dest.map_or("", |w| w.name.as_str()));
-            l.destination_workload_namespace = or_unknown(dest.map_or("", |w| w.namespace.as_str()));
+            l.destination_workload_namespace =
+                or_unknown(dest.map_or("", |w| w.namespace.as_str()));
             l.destination_app = or_unknown(dest.map_or("", |w| w.app.as_str()));
             l.destination_version = or_unknown(dest.map_or("", |w| w.version.as_str()));
             l.destination_principal = "unknown".into();
@@ -112,13 +138,35 @@ impl Ctx {
         l
     }
 
-    fn tcp_labels(&self, inbound: bool, cluster: Option<&ClusterState>, endpoint: Option<&EndpointState>) -> TcpLabels {
+    fn tcp_labels(
+        &self,
+        inbound: bool,
+        cluster: Option<&ClusterState>,
+        endpoint: Option<&EndpointState>,
+    ) -> TcpLabels {
         let me = &self.workload;
         let dest = endpoint.map(|e| &e.config.workload);
-        let host = cluster.map(|c| c.config.services.first().map_or_else(|| c.config.name.rsplit('|').next().unwrap_or_default().to_string(), |s| s.host.clone()));
+        let host = cluster.map(|c| {
+            c.config.services.first().map_or_else(
+                || {
+                    c.config
+                        .name
+                        .rsplit('|')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string()
+                },
+                |s| s.host.clone(),
+            )
+        });
         let host = host.unwrap_or_default();
         let (src_w, src_ns, dst_w, dst_ns) = if inbound {
-            ("unknown".to_string(), "unknown".to_string(), me.name.clone(), me.namespace.clone())
+            (
+                "unknown".to_string(),
+                "unknown".to_string(),
+                me.name.clone(),
+                me.namespace.clone(),
+            )
         } else {
             (
                 me.name.clone(),

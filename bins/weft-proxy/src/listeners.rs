@@ -10,9 +10,10 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    Ctx,
     http::{self, ConnInfo},
     model::ListenerKind,
-    tcp, Ctx,
+    tcp,
 };
 
 /// Sockets bound for an update that is not applied yet.
@@ -30,7 +31,11 @@ pub struct ListenerManager {
 
 impl ListenerManager {
     pub fn new(ctx: Arc<Ctx>) -> Self {
-        Self { running: HashMap::new(), tasks: JoinSet::new(), ctx }
+        Self {
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+            ctx,
+        }
     }
 
     /// Binds every address not bound yet; on any failure nothing changes.
@@ -72,7 +77,10 @@ impl ListenerManager {
             let (stop_tx, stop_rx) = watch::channel(false);
             self.running.insert(addr, stop_tx);
             info!(%addr, "listener bound");
-            self.tasks.spawn(accept_loop(listener, addr, self.ctx.clone(), stop_rx).instrument(info_span!("listener", %addr)));
+            self.tasks.spawn(
+                accept_loop(listener, addr, self.ctx.clone(), stop_rx)
+                    .instrument(info_span!("listener", %addr)),
+            );
         }
         // Reap loops that already ended so the set does not grow.
         while self.tasks.try_join_next().is_some() {}
@@ -86,7 +94,12 @@ async fn stopped(stop: &mut watch::Receiver<bool>, ctx: &Ctx) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut conns = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -98,7 +111,12 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Ctx>, mut
         };
         while conns.try_join_next().is_some() {}
         let state = ctx.state.borrow().clone();
-        let Some(config) = state.listeners.values().find(|l| l.address == addr).cloned() else {
+        let Some(config) = state
+            .listeners
+            .values()
+            .find(|l| l.address == addr)
+            .cloned()
+        else {
             debug!(%peer, "no listener config for this address any more; closing");
             continue;
         };

@@ -9,13 +9,21 @@ use weft_proxy::{app, config::Config};
 #[command(name = "weft-proxy", version)]
 struct Args {
     /// The control plane's ADS address.
-    #[arg(long, env = "WEFT_PROXY_XDS_ADDRESS", default_value = "http://127.0.0.1:15010")]
+    #[arg(
+        long,
+        env = "WEFT_PROXY_XDS_ADDRESS",
+        default_value = "http://127.0.0.1:15010"
+    )]
     xds_address: String,
 }
 
 fn main() -> ExitCode {
     let Args { xds_address } = Args::parse();
-    let xds_address = if xds_address.contains("://") { xds_address } else { format!("http://{xds_address}") };
+    let xds_address = if xds_address.contains("://") {
+        xds_address
+    } else {
+        format!("http://{xds_address}")
+    };
     let vars: Vec<(String, String)> = std::env::vars().collect();
     let config = match Config::from_env(xds_address, &vars) {
         Ok(c) => c,

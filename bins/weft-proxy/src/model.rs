@@ -14,12 +14,15 @@ use weft_xds::{
         envoy::{
             config::{
                 cluster::v3::{Cluster, cluster},
-                core::v3::{HeaderValueOption, HealthStatus, Metadata, address, header_value_option::HeaderAppendAction, socket_address},
+                core::v3::{
+                    HeaderValueOption, HealthStatus, Metadata, address,
+                    header_value_option::HeaderAppendAction, socket_address,
+                },
                 endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
                 listener::v3::{Listener, filter},
                 route::v3::{
-                    HeaderMatcher, RouteConfiguration, RouteMatch, header_matcher, query_parameter_matcher, redirect_action, route,
-                    route_action, route_match,
+                    HeaderMatcher, RouteConfiguration, RouteMatch, header_matcher,
+                    query_parameter_matcher, redirect_action, route, route_action, route_match,
                 },
             },
             extensions::{
@@ -27,7 +30,9 @@ use weft_xds::{
                 filters::{
                     http::router::v3::Router,
                     network::{
-                        http_connection_manager::v3::{HttpConnectionManager, http_connection_manager, http_filter},
+                        http_connection_manager::v3::{
+                            HttpConnectionManager, http_connection_manager, http_filter,
+                        },
                         tcp_proxy::v3::{TcpProxy, tcp_proxy},
                     },
                 },
@@ -50,34 +55,77 @@ pub struct Rejection {
     pub reason: String,
 }
 
-fn reject(kind: &'static str, name: &str, field: impl Into<String>, reason: impl Into<String>) -> Rejection {
-    Rejection { kind, name: name.to_string(), field: field.into(), reason: reason.into() }
+fn reject(
+    kind: &'static str,
+    name: &str,
+    field: impl Into<String>,
+    reason: impl Into<String>,
+) -> Rejection {
+    Rejection {
+        kind,
+        name: name.to_string(),
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 fn unsupported(kind: &'static str, name: &str, field: &str) -> Rejection {
     reject(kind, name, field, "not supported by weft-proxy")
 }
 
-fn unpack<T: Message + Name + Default>(any: &Any, kind: &'static str, name: &str, field: &str) -> Result<T, Rejection> {
+fn unpack<T: Message + Name + Default>(
+    any: &Any,
+    kind: &'static str,
+    name: &str,
+    field: &str,
+) -> Result<T, Rejection> {
     if any.type_url != T::type_url() {
-        return Err(reject(kind, name, field, format!("unsupported type {}", any.type_url)));
+        return Err(reject(
+            kind,
+            name,
+            field,
+            format!("unsupported type {}", any.type_url),
+        ));
     }
-    T::decode(any.value.as_slice()).map_err(|e| reject(kind, name, field, format!("cannot decode: {e}")))
+    T::decode(any.value.as_slice())
+        .map_err(|e| reject(kind, name, field, format!("cannot decode: {e}")))
 }
 
 fn to_duration(d: &wkt::Duration) -> Duration {
     Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
 }
 
-fn socket_addr(addr: Option<&weft_xds::pb::envoy::config::core::v3::Address>, kind: &'static str, name: &str) -> Result<SocketAddr, Rejection> {
+fn socket_addr(
+    addr: Option<&weft_xds::pb::envoy::config::core::v3::Address>,
+    kind: &'static str,
+    name: &str,
+) -> Result<SocketAddr, Rejection> {
     let Some(address::Address::SocketAddress(sa)) = addr.and_then(|a| a.address.as_ref()) else {
-        return Err(reject(kind, name, "address", "a socket address is required"));
+        return Err(reject(
+            kind,
+            name,
+            "address",
+            "a socket address is required",
+        ));
     };
     let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
-        return Err(reject(kind, name, "address.port_value", "a port number is required"));
+        return Err(reject(
+            kind,
+            name,
+            "address.port_value",
+            "a port number is required",
+        ));
     };
-    let ip = sa.address.parse().map_err(|_| reject(kind, name, "address.address", format!("{:?} is not an IP address", sa.address)))?;
-    let port = u16::try_from(port).map_err(|_| reject(kind, name, "address.port_value", "out of range"))?;
+    let ip = sa.address.parse().map_err(|_| {
+        reject(
+            kind,
+            name,
+            "address.address",
+            format!("{:?} is not an IP address", sa.address),
+        )
+    })?;
+    let port = u16::try_from(port)
+        .map_err(|_| reject(kind, name, "address.port_value", "out of range"))?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -130,41 +178,84 @@ impl TryFrom<&Listener> for ListenerConfig {
         const K: &str = "listener";
         let name = l.name.as_str();
         if l.api_listener.is_some() {
-            return Err(reject(K, name, "api_listener", "API listeners are for proxyless gRPC clients, not a proxy"));
+            return Err(reject(
+                K,
+                name,
+                "api_listener",
+                "API listeners are for proxyless gRPC clients, not a proxy",
+            ));
         }
         if !l.listener_filters.is_empty() {
             return Err(unsupported(K, name, "listener_filters"));
         }
         if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
-            return Err(reject(K, name, "use_original_dst", "traffic interception is not supported yet"));
+            return Err(reject(
+                K,
+                name,
+                "use_original_dst",
+                "traffic interception is not supported yet",
+            ));
         }
         if l.filter_chain_matcher.is_some() || l.default_filter_chain.is_some() {
-            return Err(unsupported(K, name, "filter_chain_matcher/default_filter_chain"));
+            return Err(unsupported(
+                K,
+                name,
+                "filter_chain_matcher/default_filter_chain",
+            ));
         }
         if !l.socket_options.is_empty() || l.transparent.as_ref().is_some_and(|v| v.value) {
             return Err(unsupported(K, name, "socket_options/transparent"));
         }
         let address = socket_addr(l.address.as_ref(), K, name)?;
         let [chain] = l.filter_chains.as_slice() else {
-            return Err(reject(K, name, "filter_chains", "exactly one filter chain is supported"));
+            return Err(reject(
+                K,
+                name,
+                "filter_chains",
+                "exactly one filter chain is supported",
+            ));
         };
         if chain.filter_chain_match.is_some() || chain.transport_socket.is_some() {
-            return Err(unsupported(K, name, "filter_chains[0].filter_chain_match/transport_socket"));
+            return Err(unsupported(
+                K,
+                name,
+                "filter_chains[0].filter_chain_match/transport_socket",
+            ));
         }
         let [filter] = chain.filters.as_slice() else {
-            return Err(reject(K, name, "filter_chains[0].filters", "exactly one network filter is supported"));
+            return Err(reject(
+                K,
+                name,
+                "filter_chains[0].filters",
+                "exactly one network filter is supported",
+            ));
         };
         let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
-            return Err(reject(K, name, "filter_chains[0].filters[0]", "typed_config is required"));
+            return Err(reject(
+                K,
+                name,
+                "filter_chains[0].filters[0]",
+                "typed_config is required",
+            ));
         };
         let kind = if any.type_url == HttpConnectionManager::type_url() {
             ListenerKind::Http(http_config(&unpack(any, K, name, "filters[0]")?, name)?)
         } else if any.type_url == TcpProxy::type_url() {
             ListenerKind::Tcp(tcp_config(&unpack(any, K, name, "filters[0]")?, name)?)
         } else {
-            return Err(reject(K, name, format!("filters[0] {}", filter.name), format!("unsupported network filter {}", any.type_url)));
+            return Err(reject(
+                K,
+                name,
+                format!("filters[0] {}", filter.name),
+                format!("unsupported network filter {}", any.type_url),
+            ));
         };
-        Ok(Self { name: name.to_string(), address, inbound: l.traffic_direction == 1, kind })
+        Ok(Self {
+            name: name.to_string(),
+            address,
+            inbound: l.traffic_direction == 1,
+            kind,
+        })
     }
 }
 
@@ -173,44 +264,96 @@ fn http_config(hcm: &HttpConnectionManager, name: &str) -> Result<HttpConfig, Re
     for (i, f) in hcm.http_filters.iter().enumerate() {
         let is_router = matches!(&f.config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url == Router::type_url());
         if !is_router {
-            return Err(reject(K, name, format!("http_filters[{i}] {}", f.name), "unsupported HTTP filter"));
+            return Err(reject(
+                K,
+                name,
+                format!("http_filters[{i}] {}", f.name),
+                "unsupported HTTP filter",
+            ));
         }
     }
     let mut websocket = false;
     for u in &hcm.upgrade_configs {
         if !u.upgrade_type.eq_ignore_ascii_case("websocket") {
-            return Err(reject(K, name, "upgrade_configs", format!("upgrade type {} is not supported", u.upgrade_type)));
+            return Err(reject(
+                K,
+                name,
+                "upgrade_configs",
+                format!("upgrade type {} is not supported", u.upgrade_type),
+            ));
         }
         websocket = u.enabled.as_ref().is_none_or(|e| e.value);
     }
     let mut access_log = None;
     for (i, log) in hcm.access_log.iter().enumerate() {
-        let Some(weft_xds::pb::envoy::config::accesslog::v3::access_log::ConfigType::TypedConfig(any)) = &log.config_type else {
-            return Err(reject(K, name, format!("access_log[{i}]"), "typed_config is required"));
+        let Some(weft_xds::pb::envoy::config::accesslog::v3::access_log::ConfigType::TypedConfig(
+            any,
+        )) = &log.config_type
+        else {
+            return Err(reject(
+                K,
+                name,
+                format!("access_log[{i}]"),
+                "typed_config is required",
+            ));
         };
         let file: FileAccessLog = unpack(any, K, name, &format!("access_log[{i}]"))?;
         if log.filter.is_some() || file.access_log_format.is_some() {
-            return Err(unsupported(K, name, &format!("access_log[{i}] filter/format")));
+            return Err(unsupported(
+                K,
+                name,
+                &format!("access_log[{i}] filter/format"),
+            ));
         }
         access_log = Some(file.path);
     }
     let routes = match &hcm.route_specifier {
-        Some(http_connection_manager::RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name.clone()),
-        Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => RouteSource::Inline(RouteTable::try_from(rc)?),
-        _ => return Err(reject(K, name, "route_specifier", "rds or route_config is required")),
+        Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+            RouteSource::Rds(rds.route_config_name.clone())
+        }
+        Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+            RouteSource::Inline(RouteTable::try_from(rc)?)
+        }
+        _ => {
+            return Err(reject(
+                K,
+                name,
+                "route_specifier",
+                "rds or route_config is required",
+            ));
+        }
     };
-    Ok(HttpConfig { routes, access_log, websocket })
+    Ok(HttpConfig {
+        routes,
+        access_log,
+        websocket,
+    })
 }
 
 fn tcp_config(tp: &TcpProxy, name: &str) -> Result<TcpConfig, Rejection> {
     let clusters = match &tp.cluster_specifier {
-        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![WeightedCluster { name: c.clone(), weight: 1, headers: HeaderOps::default() }],
+        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
+            name: c.clone(),
+            weight: 1,
+            headers: HeaderOps::default(),
+        }],
         Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => w
             .clusters
             .iter()
-            .map(|c| WeightedCluster { name: c.name.clone(), weight: c.weight, headers: HeaderOps::default() })
+            .map(|c| WeightedCluster {
+                name: c.name.clone(),
+                weight: c.weight,
+                headers: HeaderOps::default(),
+            })
             .collect(),
-        None => return Err(reject("listener", name, "tcp_proxy.cluster_specifier", "a cluster is required")),
+        None => {
+            return Err(reject(
+                "listener",
+                name,
+                "tcp_proxy.cluster_specifier",
+                "a cluster is required",
+            ));
+        }
     };
     Ok(TcpConfig { clusters })
 }
@@ -286,26 +429,41 @@ impl StringMatch {
             Self::Prefix(v) => value.starts_with(v.as_str()),
             Self::Suffix(v) => value.ends_with(v.as_str()),
             Self::Contains(v) => value.contains(v.as_str()),
-            Self::Regex(r) => r.find(value).is_some_and(|m| m.start() == 0 && m.end() == value.len()),
+            Self::Regex(r) => r
+                .find(value)
+                .is_some_and(|m| m.start() == 0 && m.end() == value.len()),
         }
     }
 }
 
 /// Envoy's regexes match the whole value, so they are anchored here.
 fn compile_regex(re: &str, field: &str, name: &str) -> Result<Regex, Rejection> {
-    Regex::new(&format!("^(?:{re})$")).map_err(|e| reject("route_configuration", name, field, format!("invalid regex: {e}")))
+    Regex::new(&format!("^(?:{re})$")).map_err(|e| {
+        reject(
+            "route_configuration",
+            name,
+            field,
+            format!("invalid regex: {e}"),
+        )
+    })
 }
 
 fn string_match(m: &StringMatcher, field: &str, name: &str) -> Result<StringMatch, Rejection> {
     if m.ignore_case {
-        return Err(unsupported("route_configuration", name, &format!("{field}.ignore_case")));
+        return Err(unsupported(
+            "route_configuration",
+            name,
+            &format!("{field}.ignore_case"),
+        ));
     }
     Ok(match &m.match_pattern {
         Some(string_matcher::MatchPattern::Exact(v)) => StringMatch::Exact(v.clone()),
         Some(string_matcher::MatchPattern::Prefix(v)) => StringMatch::Prefix(v.clone()),
         Some(string_matcher::MatchPattern::Suffix(v)) => StringMatch::Suffix(v.clone()),
         Some(string_matcher::MatchPattern::Contains(v)) => StringMatch::Contains(v.clone()),
-        Some(string_matcher::MatchPattern::SafeRegex(r)) => StringMatch::Regex(compile_regex(&r.regex, field, name)?),
+        Some(string_matcher::MatchPattern::SafeRegex(r)) => {
+            StringMatch::Regex(compile_regex(&r.regex, field, name)?)
+        }
         _ => return Err(unsupported("route_configuration", name, field)),
     })
 }
@@ -333,7 +491,8 @@ impl PartialEq for PathMatchWrapper {
     fn eq(&self, other: &Self) -> bool {
         match (&self.0, &other.0) {
             (PathMatch::Regex(a), PathMatch::Regex(b)) => a.as_str() == b.as_str(),
-            (PathMatch::Prefix(a), PathMatch::Prefix(b)) | (PathMatch::Exact(a), PathMatch::Exact(b)) => a == b,
+            (PathMatch::Prefix(a), PathMatch::Prefix(b))
+            | (PathMatch::Exact(a), PathMatch::Exact(b)) => a == b,
             _ => false,
         }
     }
@@ -394,24 +553,53 @@ pub struct RedirectConfig {
     pub status: u16,
 }
 
-fn header_adds(opts: &[HeaderValueOption], field: &str, name: &str) -> Result<Vec<HeaderAdd>, Rejection> {
+fn header_adds(
+    opts: &[HeaderValueOption],
+    field: &str,
+    name: &str,
+) -> Result<Vec<HeaderAdd>, Rejection> {
     opts.iter()
         .map(|o| {
-            let h = o.header.as_ref().ok_or_else(|| reject("route_configuration", name, field, "header is required"))?;
+            let h = o
+                .header
+                .as_ref()
+                .ok_or_else(|| reject("route_configuration", name, field, "header is required"))?;
             let overwrite = o.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
-            if o.append_action == HeaderAppendAction::AddIfAbsent as i32 || o.append_action == HeaderAppendAction::OverwriteIfExists as i32 {
-                return Err(reject("route_configuration", name, field, "append_action ADD_IF_ABSENT/OVERWRITE_IF_EXISTS is not supported"));
+            if o.append_action == HeaderAppendAction::AddIfAbsent as i32
+                || o.append_action == HeaderAppendAction::OverwriteIfExists as i32
+            {
+                return Err(reject(
+                    "route_configuration",
+                    name,
+                    field,
+                    "append_action ADD_IF_ABSENT/OVERWRITE_IF_EXISTS is not supported",
+                ));
             }
-            Ok(HeaderAdd { name: h.key.to_ascii_lowercase(), value: h.value.clone(), overwrite })
+            Ok(HeaderAdd {
+                name: h.key.to_ascii_lowercase(),
+                value: h.value.clone(),
+                overwrite,
+            })
         })
         .collect()
 }
 
-fn retry_config(p: &weft_xds::pb::envoy::config::route::v3::RetryPolicy, name: &str) -> Result<RetryConfig, Rejection> {
+fn retry_config(
+    p: &weft_xds::pb::envoy::config::route::v3::RetryPolicy,
+    name: &str,
+) -> Result<RetryConfig, Rejection> {
     let mut c = RetryConfig {
         num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
-        per_try_timeout: p.per_try_timeout.as_ref().map(to_duration).filter(|d| !d.is_zero()),
-        base_backoff: p.retry_back_off.as_ref().and_then(|b| b.base_interval.as_ref()).map_or(Duration::from_millis(25), to_duration),
+        per_try_timeout: p
+            .per_try_timeout
+            .as_ref()
+            .map(to_duration)
+            .filter(|d| !d.is_zero()),
+        base_backoff: p
+            .retry_back_off
+            .as_ref()
+            .and_then(|b| b.base_interval.as_ref())
+            .map_or(Duration::from_millis(25), to_duration),
         on_5xx: false,
         on_gateway_error: false,
         on_connect_failure: false,
@@ -420,7 +608,12 @@ fn retry_config(p: &weft_xds::pb::envoy::config::route::v3::RetryPolicy, name: &
         retriable_status_codes: Vec::new(),
         grpc_statuses: Vec::new(),
     };
-    for cond in p.retry_on.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for cond in p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         match cond {
             "5xx" => c.on_5xx = true,
             "gateway-error" => c.on_gateway_error = true,
@@ -428,57 +621,124 @@ fn retry_config(p: &weft_xds::pb::envoy::config::route::v3::RetryPolicy, name: &
             "refused-stream" => c.on_refused_stream = true,
             "reset" => c.on_reset = true,
             "retriable-status-codes" => {
-                c.retriable_status_codes = p.retriable_status_codes.iter().filter_map(|s| u16::try_from(*s).ok()).collect()
+                c.retriable_status_codes = p
+                    .retriable_status_codes
+                    .iter()
+                    .filter_map(|s| u16::try_from(*s).ok())
+                    .collect()
             }
             "cancelled" => c.grpc_statuses.push(1),
             "deadline-exceeded" => c.grpc_statuses.push(4),
             "resource-exhausted" => c.grpc_statuses.push(8),
             "internal" => c.grpc_statuses.push(13),
             "unavailable" => c.grpc_statuses.push(14),
-            other => return Err(reject("route_configuration", name, "retry_policy.retry_on", format!("condition {other:?} is not supported"))),
+            other => {
+                return Err(reject(
+                    "route_configuration",
+                    name,
+                    "retry_policy.retry_on",
+                    format!("condition {other:?} is not supported"),
+                ));
+            }
         }
     }
-    if !p.retry_host_predicate.is_empty() || p.retry_priority.is_some() || !p.retriable_headers.is_empty() {
-        return Err(unsupported("route_configuration", name, "retry_policy host predicates/priority/retriable_headers"));
+    if !p.retry_host_predicate.is_empty()
+        || p.retry_priority.is_some()
+        || !p.retriable_headers.is_empty()
+    {
+        return Err(unsupported(
+            "route_configuration",
+            name,
+            "retry_policy host predicates/priority/retriable_headers",
+        ));
     }
     Ok(c)
 }
 
 fn route_matcher(m: &RouteMatch, name: &str) -> Result<RouteMatcher, Rejection> {
-    if m.grpc.is_some() || m.tls_context.is_some() || !m.dynamic_metadata.is_empty() || m.runtime_fraction.is_some() {
-        return Err(unsupported("route_configuration", name, "match grpc/tls_context/dynamic_metadata/runtime_fraction"));
+    if m.grpc.is_some()
+        || m.tls_context.is_some()
+        || !m.dynamic_metadata.is_empty()
+        || m.runtime_fraction.is_some()
+    {
+        return Err(unsupported(
+            "route_configuration",
+            name,
+            "match grpc/tls_context/dynamic_metadata/runtime_fraction",
+        ));
     }
     let path = match &m.path_specifier {
         Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
         Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
-        Some(route_match::PathSpecifier::SafeRegex(r)) => PathMatch::Regex(compile_regex(&r.regex, "match.safe_regex", name)?),
-        _ => return Err(unsupported("route_configuration", name, "match.path_specifier")),
+        Some(route_match::PathSpecifier::SafeRegex(r)) => {
+            PathMatch::Regex(compile_regex(&r.regex, "match.safe_regex", name)?)
+        }
+        _ => {
+            return Err(unsupported(
+                "route_configuration",
+                name,
+                "match.path_specifier",
+            ));
+        }
     };
-    let headers = m.headers.iter().map(|h| header_match(h, name)).collect::<Result<_, _>>()?;
+    let headers = m
+        .headers
+        .iter()
+        .map(|h| header_match(h, name))
+        .collect::<Result<_, _>>()?;
     let query = m
         .query_parameters
         .iter()
         .map(|q| {
             let value = match &q.query_parameter_match_specifier {
-                Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(sm)) => Some(string_match(sm, "match.query_parameters", name)?),
-                Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(true)) | None => None,
-                Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(false)) => {
-                    return Err(unsupported("route_configuration", name, "match.query_parameters.present_match=false"));
+                Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(sm)) => {
+                    Some(string_match(sm, "match.query_parameters", name)?)
+                }
+                Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(true))
+                | None => None,
+                Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(
+                    false,
+                )) => {
+                    return Err(unsupported(
+                        "route_configuration",
+                        name,
+                        "match.query_parameters.present_match=false",
+                    ));
                 }
             };
-            Ok(QueryMatch { name: q.name.clone(), value })
+            Ok(QueryMatch {
+                name: q.name.clone(),
+                value,
+            })
         })
         .collect::<Result<_, _>>()?;
-    Ok(RouteMatcher { path: PathMatchWrapper(path), case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value), headers, query })
+    Ok(RouteMatcher {
+        path: PathMatchWrapper(path),
+        case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value),
+        headers,
+        query,
+    })
 }
 
 fn header_match(h: &HeaderMatcher, name: &str) -> Result<HeaderMatch, Rejection> {
     let value = match &h.header_match_specifier {
-        Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => Some(string_match(sm, "match.headers", name)?),
+        Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => {
+            Some(string_match(sm, "match.headers", name)?)
+        }
         Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true)) | None => None,
-        _ => return Err(unsupported("route_configuration", name, &format!("match.headers[{}] matcher", h.name))),
+        _ => {
+            return Err(unsupported(
+                "route_configuration",
+                name,
+                &format!("match.headers[{}] matcher", h.name),
+            ));
+        }
     };
-    Ok(HeaderMatch { name: h.name.to_ascii_lowercase(), value, invert: h.invert_match })
+    Ok(HeaderMatch {
+        name: h.name.to_ascii_lowercase(),
+        value,
+        invert: h.invert_match,
+    })
 }
 
 impl TryFrom<&RouteConfiguration> for RouteTable {
@@ -487,34 +747,74 @@ impl TryFrom<&RouteConfiguration> for RouteTable {
     fn try_from(rc: &RouteConfiguration) -> Result<Self, Rejection> {
         const K: &str = "route_configuration";
         let name = rc.name.as_str();
-        if !rc.request_headers_to_add.is_empty() || !rc.response_headers_to_add.is_empty() || rc.vhds.is_some() {
-            return Err(unsupported(K, name, "route-configuration-level headers/vhds"));
+        if !rc.request_headers_to_add.is_empty()
+            || !rc.response_headers_to_add.is_empty()
+            || rc.vhds.is_some()
+        {
+            return Err(unsupported(
+                K,
+                name,
+                "route-configuration-level headers/vhds",
+            ));
         }
         let mut virtual_hosts = Vec::new();
         for vh in &rc.virtual_hosts {
-            if vh.retry_policy.is_some() || !vh.request_headers_to_add.is_empty() || !vh.typed_per_filter_config.is_empty() {
-                return Err(unsupported(K, name, &format!("virtual_hosts[{}] retry_policy/headers/typed_per_filter_config", vh.name)));
+            if vh.retry_policy.is_some()
+                || !vh.request_headers_to_add.is_empty()
+                || !vh.typed_per_filter_config.is_empty()
+            {
+                return Err(unsupported(
+                    K,
+                    name,
+                    &format!(
+                        "virtual_hosts[{}] retry_policy/headers/typed_per_filter_config",
+                        vh.name
+                    ),
+                ));
             }
             let mut routes = Vec::new();
             for (i, r) in vh.routes.iter().enumerate() {
                 let field = |f: &str| format!("virtual_hosts[{}].routes[{i}].{f}", vh.name);
                 if !r.typed_per_filter_config.is_empty() || r.decorator.is_some() {
-                    return Err(unsupported(K, name, &field("typed_per_filter_config/decorator")));
+                    return Err(unsupported(
+                        K,
+                        name,
+                        &field("typed_per_filter_config/decorator"),
+                    ));
                 }
-                let matcher = route_matcher(r.r#match.as_ref().ok_or_else(|| reject(K, name, field("match"), "required"))?, name)?;
+                let matcher = route_matcher(
+                    r.r#match
+                        .as_ref()
+                        .ok_or_else(|| reject(K, name, field("match"), "required"))?,
+                    name,
+                )?;
                 let action = match &r.action {
-                    Some(route::Action::Route(ra)) => RouteAction::Forward(forward_config(ra, name, &field("route"))?),
+                    Some(route::Action::Route(ra)) => {
+                        RouteAction::Forward(forward_config(ra, name, &field("route"))?)
+                    }
                     Some(route::Action::Redirect(rd)) => RouteAction::Redirect(RedirectConfig {
                         host: Some(rd.host_redirect.clone()).filter(|s| !s.is_empty()),
                         port: u16::try_from(rd.port_redirect).ok().filter(|p| *p != 0),
                         path: match &rd.path_rewrite_specifier {
-                            Some(redirect_action::PathRewriteSpecifier::PathRedirect(p)) => Some(p.clone()),
+                            Some(redirect_action::PathRewriteSpecifier::PathRedirect(p)) => {
+                                Some(p.clone())
+                            }
                             None => None,
-                            Some(_) => return Err(unsupported(K, name, &field("redirect.prefix_rewrite/regex_rewrite"))),
+                            Some(_) => {
+                                return Err(unsupported(
+                                    K,
+                                    name,
+                                    &field("redirect.prefix_rewrite/regex_rewrite"),
+                                ));
+                            }
                         },
                         scheme: match &rd.scheme_rewrite_specifier {
-                            Some(redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
-                            Some(redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
+                            Some(redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s)) => {
+                                Some(s.clone())
+                            }
+                            Some(redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true)) => {
+                                Some("https".into())
+                            }
                             _ => None,
                         },
                         status: match rd.response_code {
@@ -532,35 +832,84 @@ impl TryFrom<&RouteConfiguration> for RouteTable {
                             None => String::new(),
                             Some(_) => return Err(unsupported(K, name, &field("direct_response.body.filename"))),
                         };
-                        let status = u16::try_from(d.status).map_err(|_| reject(K, name, field("direct_response.status"), "out of range"))?;
+                        let status = u16::try_from(d.status).map_err(|_| {
+                            reject(K, name, field("direct_response.status"), "out of range")
+                        })?;
                         RouteAction::Direct { status, body }
                     }
                     _ => return Err(unsupported(K, name, &field("action"))),
                 };
                 let headers = HeaderOps {
-                    request_add: header_adds(&r.request_headers_to_add, &field("request_headers_to_add"), name)?,
-                    request_remove: r.request_headers_to_remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                    response_add: header_adds(&r.response_headers_to_add, &field("response_headers_to_add"), name)?,
-                    response_remove: r.response_headers_to_remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    request_add: header_adds(
+                        &r.request_headers_to_add,
+                        &field("request_headers_to_add"),
+                        name,
+                    )?,
+                    request_remove: r
+                        .request_headers_to_remove
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
+                    response_add: header_adds(
+                        &r.response_headers_to_add,
+                        &field("response_headers_to_add"),
+                        name,
+                    )?,
+                    response_remove: r
+                        .response_headers_to_remove
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
                 };
-                routes.push(RouteConfig { name: r.name.clone(), matcher, action, headers });
+                routes.push(RouteConfig {
+                    name: r.name.clone(),
+                    matcher,
+                    action,
+                    headers,
+                });
             }
-            virtual_hosts.push(VirtualHostConfig { name: vh.name.clone(), domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(), routes });
+            virtual_hosts.push(VirtualHostConfig {
+                name: vh.name.clone(),
+                domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                routes,
+            });
         }
-        Ok(Self { name: name.to_string(), virtual_hosts })
+        Ok(Self {
+            name: name.to_string(),
+            virtual_hosts,
+        })
     }
 }
 
-fn forward_config(ra: &weft_xds::pb::envoy::config::route::v3::RouteAction, name: &str, field: &str) -> Result<ForwardConfig, Rejection> {
+fn forward_config(
+    ra: &weft_xds::pb::envoy::config::route::v3::RouteAction,
+    name: &str,
+    field: &str,
+) -> Result<ForwardConfig, Rejection> {
     const K: &str = "route_configuration";
-    if !ra.hash_policy.is_empty() || !ra.request_mirror_policies.is_empty() || ra.regex_rewrite.is_some() {
-        return Err(unsupported(K, name, &format!("{field}.hash_policy/request_mirror_policies/regex_rewrite")));
+    if !ra.hash_policy.is_empty()
+        || !ra.request_mirror_policies.is_empty()
+        || ra.regex_rewrite.is_some()
+    {
+        return Err(unsupported(
+            K,
+            name,
+            &format!("{field}.hash_policy/request_mirror_policies/regex_rewrite"),
+        ));
     }
-    if ra.idle_timeout.is_some() || ra.max_stream_duration.is_some() || ra.rate_limits.len() > 0 {
-        return Err(unsupported(K, name, &format!("{field}.idle_timeout/max_stream_duration/rate_limits")));
+    if ra.idle_timeout.is_some() || ra.max_stream_duration.is_some() || !ra.rate_limits.is_empty() {
+        return Err(unsupported(
+            K,
+            name,
+            &format!("{field}.idle_timeout/max_stream_duration/rate_limits"),
+        ));
     }
     let clusters = match &ra.cluster_specifier {
-        Some(route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedCluster { name: c.clone(), weight: 1, headers: HeaderOps::default() }],
+        Some(route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
+            name: c.clone(),
+            weight: 1,
+            headers: HeaderOps::default(),
+        }],
         Some(route_action::ClusterSpecifier::WeightedClusters(w)) => w
             .clusters
             .iter()
@@ -570,9 +919,17 @@ fn forward_config(ra: &weft_xds::pb::envoy::config::route::v3::RouteAction, name
                     weight: c.weight.as_ref().map_or(0, |w| w.value),
                     headers: HeaderOps {
                         request_add: header_adds(&c.request_headers_to_add, field, name)?,
-                        request_remove: c.request_headers_to_remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                        request_remove: c
+                            .request_headers_to_remove
+                            .iter()
+                            .map(|h| h.to_ascii_lowercase())
+                            .collect(),
                         response_add: header_adds(&c.response_headers_to_add, field, name)?,
-                        response_remove: c.response_headers_to_remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                        response_remove: c
+                            .response_headers_to_remove
+                            .iter()
+                            .map(|h| h.to_ascii_lowercase())
+                            .collect(),
                     },
                 })
             })
@@ -582,7 +939,13 @@ fn forward_config(ra: &weft_xds::pb::envoy::config::route::v3::RouteAction, name
     let host_rewrite = match &ra.host_rewrite_specifier {
         Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
         None => None,
-        Some(_) => return Err(unsupported(K, name, &format!("{field}.host_rewrite_specifier"))),
+        Some(_) => {
+            return Err(unsupported(
+                K,
+                name,
+                &format!("{field}.host_rewrite_specifier"),
+            ));
+        }
     };
     Ok(ForwardConfig {
         clusters,
@@ -593,7 +956,11 @@ fn forward_config(ra: &weft_xds::pb::envoy::config::route::v3::RouteAction, name
             Some(d) => Some(to_duration(d)).filter(|d| !d.is_zero()),
             None => Some(Duration::from_secs(15)),
         },
-        retry: ra.retry_policy.as_ref().map(|p| retry_config(p, name)).transpose()?,
+        retry: ra
+            .retry_policy
+            .as_ref()
+            .map(|p| retry_config(p, name))
+            .transpose()?,
     })
 }
 
@@ -644,7 +1011,9 @@ pub struct WorkloadRef {
 }
 
 fn istio_meta(m: Option<&Metadata>) -> serde_json::Map<String, serde_json::Value> {
-    m.and_then(|m| m.filter_metadata.get("istio")).map(structs::struct_to_json).unwrap_or_default()
+    m.and_then(|m| m.filter_metadata.get("istio"))
+        .map(structs::struct_to_json)
+        .unwrap_or_default()
 }
 
 impl TryFrom<&Cluster> for ClusterConfig {
@@ -657,10 +1026,16 @@ impl TryFrom<&Cluster> for ClusterConfig {
             ("outlier_detection", c.outlier_detection.is_some()),
             ("circuit_breakers", c.circuit_breakers.is_some()),
             ("health_checks", !c.health_checks.is_empty()),
-            ("transport_socket", c.transport_socket.is_some() || !c.transport_socket_matches.is_empty()),
+            (
+                "transport_socket",
+                c.transport_socket.is_some() || !c.transport_socket_matches.is_empty(),
+            ),
             ("lb_subset_config", c.lb_subset_config.is_some()),
             ("common_lb_config", c.common_lb_config.is_some()),
-            ("upstream_connection_options", c.upstream_connection_options.is_some()),
+            (
+                "upstream_connection_options",
+                c.upstream_connection_options.is_some(),
+            ),
             ("load_balancing_policy", c.load_balancing_policy.is_some()),
         ];
         if let Some((field, _)) = checks.iter().find(|(_, set)| *set) {
@@ -670,34 +1045,75 @@ impl TryFrom<&Cluster> for ClusterConfig {
             Ok(cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
             Ok(cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
             Ok(cluster::LbPolicy::Random) => LbPolicy::Random,
-            _ => return Err(reject(K, name, "lb_policy", format!("policy {} is not supported", c.lb_policy))),
+            _ => {
+                return Err(reject(
+                    K,
+                    name,
+                    "lb_policy",
+                    format!("policy {} is not supported", c.lb_policy),
+                ));
+            }
         };
         let mut http2 = false;
         for (ext, any) in &c.typed_extension_protocol_options {
-            let opts: HttpProtocolOptions = unpack(any, K, name, &format!("typed_extension_protocol_options[{ext}]"))?;
+            let opts: HttpProtocolOptions = unpack(
+                any,
+                K,
+                name,
+                &format!("typed_extension_protocol_options[{ext}]"),
+            )?;
             match opts.upstream_protocol_options {
                 Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
                     http2 = matches!(e.protocol_config, Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)));
                 }
                 None => {}
-                Some(_) => return Err(unsupported(K, name, "typed_extension_protocol_options: only explicit_http_config is supported")),
+                Some(_) => {
+                    return Err(unsupported(
+                        K,
+                        name,
+                        "typed_extension_protocol_options: only explicit_http_config is supported",
+                    ));
+                }
             }
         }
         let static_endpoints = match &c.cluster_discovery_type {
-            Some(cluster::ClusterDiscoveryType::Type(t)) if *t == cluster::DiscoveryType::Eds as i32 => {
+            Some(cluster::ClusterDiscoveryType::Type(t))
+                if *t == cluster::DiscoveryType::Eds as i32 =>
+            {
                 let ads = c.eds_cluster_config.as_ref().and_then(|e| e.eds_config.as_ref()).is_some_and(|s| {
                     matches!(s.config_source_specifier, Some(weft_xds::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier::Ads(_)))
                 });
                 if !ads {
-                    return Err(reject(K, name, "eds_cluster_config.eds_config", "endpoints must come over ADS"));
+                    return Err(reject(
+                        K,
+                        name,
+                        "eds_cluster_config.eds_config",
+                        "endpoints must come over ADS",
+                    ));
                 }
                 None
             }
-            Some(cluster::ClusterDiscoveryType::Type(t)) if *t == cluster::DiscoveryType::Static as i32 => {
-                let cla = c.load_assignment.as_ref().ok_or_else(|| reject(K, name, "load_assignment", "a STATIC cluster needs endpoints"))?;
+            Some(cluster::ClusterDiscoveryType::Type(t))
+                if *t == cluster::DiscoveryType::Static as i32 =>
+            {
+                let cla = c.load_assignment.as_ref().ok_or_else(|| {
+                    reject(
+                        K,
+                        name,
+                        "load_assignment",
+                        "a STATIC cluster needs endpoints",
+                    )
+                })?;
                 Some(endpoints(cla)?)
             }
-            _ => return Err(reject(K, name, "type", "only EDS and STATIC clusters are supported")),
+            _ => {
+                return Err(reject(
+                    K,
+                    name,
+                    "type",
+                    "only EDS and STATIC clusters are supported",
+                ));
+            }
         };
         let services = istio_meta(c.metadata.as_ref())
             .get("services")
@@ -715,7 +1131,10 @@ impl TryFrom<&Cluster> for ClusterConfig {
         Ok(Self {
             name: name.to_string(),
             lb,
-            connect_timeout: c.connect_timeout.as_ref().map_or(Duration::from_secs(5), to_duration),
+            connect_timeout: c
+                .connect_timeout
+                .as_ref()
+                .map_or(Duration::from_secs(5), to_duration),
             http2,
             static_endpoints,
             services,
@@ -727,7 +1146,11 @@ impl TryFrom<&Cluster> for ClusterConfig {
 pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointConfig>, Rejection> {
     const K: &str = "cluster_load_assignment";
     let name = cla.cluster_name.as_str();
-    if cla.policy.as_ref().is_some_and(|p| !p.drop_overloads.is_empty()) {
+    if cla
+        .policy
+        .as_ref()
+        .is_some_and(|p| !p.drop_overloads.is_empty())
+    {
         return Err(unsupported(K, name, "policy.drop_overloads"));
     }
     let mut out = Vec::new();
@@ -756,7 +1179,10 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointConfig>, Rej
                 .unwrap_or_default();
             out.push(EndpointConfig {
                 address,
-                weight: e.load_balancing_weight.as_ref().map_or(1, |w| w.value.max(1)),
+                weight: e
+                    .load_balancing_weight
+                    .as_ref()
+                    .map_or(1, |w| w.value.max(1)),
                 healthy: matches!(health, HealthStatus::Unknown | HealthStatus::Healthy),
                 workload,
             });
@@ -773,12 +1199,10 @@ pub fn convert_all<P: Message + Name + Default, T>(
     resources
         .iter()
         .map(|any| {
-            let p: P = unpack(any, "resource", "-", "resource")
-                .map_err(|r| r.to_string())?;
+            let p: P = unpack(any, "resource", "-", "resource").map_err(|r| r.to_string())?;
             convert(&p).map_err(|r| r.to_string())
         })
         .collect()
 }
 
 pub type Map<T> = BTreeMap<String, T>;
-

@@ -16,7 +16,10 @@ use tokio::sync::watch;
 use weft_xds::{
     client::Handler,
     pb::{
-        envoy::config::{cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener, route::v3::RouteConfiguration},
+        envoy::config::{
+            cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
+            route::v3::RouteConfiguration,
+        },
         google::protobuf::Any,
     },
     type_url,
@@ -68,7 +71,8 @@ impl ProxyState {
 
     /// Ready once listeners and clusters have arrived at least once.
     pub fn ready(&self) -> bool {
-        self.versions.contains_key(type_url::LISTENER) && self.versions.contains_key(type_url::CLUSTER)
+        self.versions.contains_key(type_url::LISTENER)
+            && self.versions.contains_key(type_url::CLUSTER)
     }
 }
 
@@ -92,7 +96,11 @@ pub struct XdsHandler {
 
 impl XdsHandler {
     pub fn new(state: watch::Sender<Arc<ProxyState>>, listeners: ListenerManager) -> Self {
-        Self { state, eds: HashMap::new(), listeners }
+        Self {
+            state,
+            eds: HashMap::new(),
+            listeners,
+        }
     }
 
     fn current(&self) -> Arc<ProxyState> {
@@ -112,15 +120,30 @@ impl XdsHandler {
         self.state.send_replace(Arc::new(next));
     }
 
-    fn cluster_state(&self, config: ClusterConfig, previous: Option<&ClusterState>) -> ClusterState {
-        let endpoints = config.static_endpoints.clone().unwrap_or_else(|| self.eds.get(&config.name).cloned().unwrap_or_default());
+    fn cluster_state(
+        &self,
+        config: ClusterConfig,
+        previous: Option<&ClusterState>,
+    ) -> ClusterState {
+        let endpoints = config
+            .static_endpoints
+            .clone()
+            .unwrap_or_else(|| self.eds.get(&config.name).cloned().unwrap_or_default());
         // Keep pooled connections when only endpoints change.
         let client = match previous {
             Some(p) if p.config == config => p.client.clone(),
             _ => client_for(&config),
         };
         ClusterState {
-            endpoints: endpoints.into_iter().map(|config| Arc::new(EndpointState { config, active: AtomicUsize::new(0) })).collect(),
+            endpoints: endpoints
+                .into_iter()
+                .map(|config| {
+                    Arc::new(EndpointState {
+                        config,
+                        active: AtomicUsize::new(0),
+                    })
+                })
+                .collect(),
             config,
             next: AtomicUsize::new(0),
             client,
@@ -133,7 +156,8 @@ impl Handler for XdsHandler {
         let current = self.current();
         match t {
             type_url::CLUSTER => {
-                let configs = model::convert_all::<Cluster, _>(resources, |c| ClusterConfig::try_from(c))?;
+                let configs =
+                    model::convert_all::<Cluster, _>(resources, |c| ClusterConfig::try_from(c))?;
                 let clusters: Map<Arc<ClusterState>> = configs
                     .into_iter()
                     .map(|c| {
@@ -145,28 +169,44 @@ impl Handler for XdsHandler {
                 self.publish(|s| s.clusters = clusters);
             }
             type_url::ENDPOINT => {
-                let assignments = model::convert_all::<ClusterLoadAssignment, _>(resources, |cla| {
-                    Ok((cla.cluster_name.clone(), model::endpoints(cla)?))
-                })?;
+                let assignments =
+                    model::convert_all::<ClusterLoadAssignment, _>(resources, |cla| {
+                        Ok((cla.cluster_name.clone(), model::endpoints(cla)?))
+                    })?;
                 self.eds = assignments.into_iter().collect();
                 let clusters: Map<Arc<ClusterState>> = current
                     .clusters
                     .iter()
-                    .map(|(name, c)| (name.clone(), Arc::new(self.cluster_state(c.config.clone(), Some(c)))))
+                    .map(|(name, c)| {
+                        (
+                            name.clone(),
+                            Arc::new(self.cluster_state(c.config.clone(), Some(c))),
+                        )
+                    })
                     .collect();
                 self.publish(|s| s.clusters = clusters);
             }
             type_url::LISTENER => {
-                let configs = model::convert_all::<Listener, _>(resources, |l| ListenerConfig::try_from(l))?;
-                let listeners: Map<ListenerConfig> = configs.into_iter().map(|l| (l.name.clone(), l)).collect();
-                let addresses: Vec<(String, SocketAddr)> = listeners.values().map(|l| (l.name.clone(), l.address)).collect();
+                let configs =
+                    model::convert_all::<Listener, _>(resources, |l| ListenerConfig::try_from(l))?;
+                let listeners: Map<ListenerConfig> =
+                    configs.into_iter().map(|l| (l.name.clone(), l)).collect();
+                let addresses: Vec<(String, SocketAddr)> = listeners
+                    .values()
+                    .map(|l| (l.name.clone(), l.address))
+                    .collect();
                 let bound = self.listeners.prepare(&addresses)?;
                 self.publish(|s| s.listeners = listeners);
                 self.listeners.commit(bound);
             }
             type_url::ROUTE => {
-                let tables = model::convert_all::<RouteConfiguration, _>(resources, |r| RouteTable::try_from(r))?;
-                let routes = tables.into_iter().map(|r| (r.name.clone(), Arc::new(r))).collect();
+                let tables = model::convert_all::<RouteConfiguration, _>(resources, |r| {
+                    RouteTable::try_from(r)
+                })?;
+                let routes = tables
+                    .into_iter()
+                    .map(|r| (r.name.clone(), Arc::new(r)))
+                    .collect();
                 self.publish(|s| s.routes = routes);
             }
             other => return Err(format!("type {other} is not supported by weft-proxy")),
@@ -181,7 +221,12 @@ impl Handler for XdsHandler {
     fn wanted_names(&self, t: &str) -> BTreeSet<String> {
         let s = self.current();
         match t {
-            type_url::ENDPOINT => s.clusters.values().filter(|c| c.config.static_endpoints.is_none()).map(|c| c.config.name.clone()).collect(),
+            type_url::ENDPOINT => s
+                .clusters
+                .values()
+                .filter(|c| c.config.static_endpoints.is_none())
+                .map(|c| c.config.name.clone())
+                .collect(),
             type_url::ROUTE => s
                 .listeners
                 .values()

@@ -25,6 +25,20 @@ enum Command {
         #[arg(long)]
         config_dir: Option<PathBuf>,
     },
+    /// The demo's sample application, one workload per process (used by `cargo xtask bench`).
+    #[command(hide = true, subcommand)]
+    SampleApp(SampleApp),
+}
+
+#[derive(Debug, Subcommand)]
+enum SampleApp {
+    /// A backend answering `backend <version>` to every request.
+    Backend {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "v1")]
+        version: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -43,8 +57,25 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::Demo { duration, rate, config_dir } => {
-            match runtime.block_on(weftctl::demo::run(weftctl::demo::Options { duration, rate, config_dir })) {
+        Command::SampleApp(SampleApp::Backend { listen, version }) => {
+            match runtime.block_on(sample_backend(listen, version)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weftctl sample-app: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            duration,
+            rate,
+            config_dir,
+        } => {
+            match runtime.block_on(weftctl::demo::run(weftctl::demo::Options {
+                duration,
+                rate,
+                config_dir,
+            })) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -54,4 +85,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+async fn sample_backend(listen: std::net::SocketAddr, version: String) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let (trigger, watcher) = weft_drain::new();
+    let server = tokio::spawn(weftctl::sample_app::backend(listener, version, watcher));
+    weft_telemetry::shutdown_signal().await;
+    trigger.drain().await;
+    server.await?;
+    Ok(())
 }

@@ -35,7 +35,9 @@ where
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
     conns.abort_all();
@@ -59,33 +61,58 @@ pub async fn backend(listener: TcpListener, version: String, drain: DrainWatcher
 
 /// The frontend: `/` calls the backend through the sidecar's egress listener, passing `end-user` along;
 /// `/status` makes a gRPC health check of the status service through the sidecar.
-pub async fn frontend(listener: TcpListener, egress_http: SocketAddr, egress_grpc: SocketAddr, drain: DrainWatcher) {
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+pub async fn frontend(
+    listener: TcpListener,
+    egress_http: SocketAddr,
+    egress_grpc: SocketAddr,
+    drain: DrainWatcher,
+) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     let grpc = tonic::transport::Endpoint::from_shared(format!("http://{egress_grpc}"))
         .ok()
-        .and_then(|e| Uri::from_static(STATUS_ORIGIN).try_into().ok().map(|o: Uri| e.origin(o)))
-        .map(|e| e.connect_lazy());
+        // The origin sets :authority, so the sidecar routes by service name, not by its own address.
+        .map(|e| e.origin(Uri::from_static(STATUS_ORIGIN)).connect_lazy());
     serve(listener, drain, move |req: Request<Incoming>| {
         let client = client.clone();
         let grpc = grpc.clone();
         async move {
             if req.uri().path() == "/status" {
-                let Some(channel) = grpc else { return text(StatusCode::INTERNAL_SERVER_ERROR, "no grpc channel".into()) };
+                let Some(channel) = grpc else {
+                    return text(StatusCode::INTERNAL_SERVER_ERROR, "no grpc channel".into());
+                };
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                return match health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await {
-                    Ok(r) => text(StatusCode::OK, format!("status {:?}", r.into_inner().status())),
+                return match health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    Ok(r) => text(
+                        StatusCode::OK,
+                        format!("status {:?}", r.into_inner().status()),
+                    ),
                     Err(s) => text(StatusCode::BAD_GATEWAY, format!("status call failed: {s}")),
                 };
             }
-            let mut upstream = Request::builder().uri(format!("http://{egress_http}/")).header(http::header::HOST, BACKEND_HOST);
+            let mut upstream = Request::builder()
+                .uri(format!("http://{egress_http}/"))
+                .header(http::header::HOST, BACKEND_HOST);
             if let Some(user) = req.headers().get("end-user") {
                 upstream = upstream.header("end-user", user);
             }
-            let Ok(upstream) = upstream.body(Empty::new()) else { return text(StatusCode::INTERNAL_SERVER_ERROR, "bad request".into()) };
+            let Ok(upstream) = upstream.body(Empty::new()) else {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "bad request".into());
+            };
             match client.request(upstream).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     text(status, String::from_utf8_lossy(&body).into_owned())
                 }
                 Err(e) => text(StatusCode::BAD_GATEWAY, format!("backend call failed: {e}")),
@@ -96,10 +123,16 @@ pub async fn frontend(listener: TcpListener, egress_http: SocketAddr, egress_grp
 }
 
 /// A gRPC service: the standard `grpc.health.v1.Health`, reporting SERVING.
-pub async fn status(listener: TcpListener, drain: DrainWatcher) -> Result<(), tonic::transport::Error> {
+pub async fn status(
+    listener: TcpListener,
+    drain: DrainWatcher,
+) -> Result<(), tonic::transport::Error> {
     let (_reporter, service) = tonic_health::server::health_reporter();
     tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move { drain.signaled().await })
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { drain.signaled().await },
+        )
         .await
 }

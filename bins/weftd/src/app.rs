@@ -11,9 +11,15 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, info_span, warn};
 use weft_drain::DrainWatcher;
-use weft_xds::{XdsMetrics, server::{AdsServer, SnapshotGenerator}};
+use weft_xds::{
+    XdsMetrics,
+    server::{AdsServer, SnapshotGenerator},
+};
 
-use crate::{source, translate::{Generator, MeshOptions}};
+use crate::{
+    source,
+    translate::{Generator, MeshOptions},
+};
 
 /// weftd's settings, as plain data.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,7 +34,11 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot bind the {what} address {address}: {source}")]
-    Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("config directory {0} does not exist or is not a directory")]
     NoConfigDir(PathBuf),
     #[error("the xDS server failed: {0}")]
@@ -48,12 +58,20 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("App")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(address).await.map_err(|source| Error::Bind { what, address, source })
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Bind {
+            what,
+            address,
+            source,
+        })
 }
 
 pub async fn build(config: Config) -> Result<App, Error> {
@@ -64,10 +82,19 @@ pub async fn build(config: Config) -> Result<App, Error> {
     let monitoring = bind("monitoring", config.monitoring_address).await?;
     let loaded = source::fingerprint(&config.config_dir);
     let model = Arc::new(source::load(&config.config_dir, &config.mesh));
-    let (generator, _) = watch::channel(Arc::new(Generator { model }) as Arc<dyn SnapshotGenerator>);
+    let (generator, _) =
+        watch::channel(Arc::new(Generator { model }) as Arc<dyn SnapshotGenerator>);
     let mut registry = Registry::default();
     let metrics = XdsMetrics::new(&mut registry);
-    Ok(App { config, xds, monitoring, generator, registry: Arc::new(registry), metrics, loaded })
+    Ok(App {
+        config,
+        xds,
+        monitoring,
+        generator,
+        registry: Arc::new(registry),
+        metrics,
+        loaded,
+    })
 }
 
 impl App {
@@ -76,7 +103,9 @@ impl App {
     }
 
     pub fn monitoring_address(&self) -> SocketAddr {
-        self.monitoring.local_addr().unwrap_or(self.config.monitoring_address)
+        self.monitoring
+            .local_addr()
+            .unwrap_or(self.config.monitoring_address)
     }
 
     /// The ADS server's counters, for tests that wait on ACKs and NACKs.
@@ -86,14 +115,35 @@ impl App {
 
     /// Serves xDS and metrics and watches the config directory until `drain` is signaled.
     pub async fn run(self, drain: DrainWatcher) -> Result<(), Error> {
-        let App { config, xds, monitoring, generator, registry, metrics, loaded } = self;
+        let App {
+            config,
+            xds,
+            monitoring,
+            generator,
+            registry,
+            metrics,
+            loaded,
+        } = self;
         info!(xds = %xds.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), config_dir = %config.config_dir.display(), "weftd serving");
         let mut tasks = JoinSet::new();
-        let watcher = source::watch_dir(loaded, config.config_dir.clone(), config.mesh.clone(), config.poll_interval, generator.clone(), drain.clone());
+        let watcher = source::watch_dir(
+            loaded,
+            config.config_dir.clone(),
+            config.mesh.clone(),
+            config.poll_interval,
+            generator.clone(),
+            drain.clone(),
+        );
         tasks.spawn(watcher.instrument(info_span!("config_source")));
-        tasks.spawn(serve_metrics(monitoring, registry, metrics.clone(), drain.clone()).instrument(info_span!("monitoring")));
+        tasks.spawn(
+            serve_metrics(monitoring, registry, metrics.clone(), drain.clone())
+                .instrument(info_span!("monitoring")),
+        );
         let ads = AdsServer::new(generator.subscribe(), metrics, drain.clone()).into_service();
-        let shutdown = { let d = drain.clone(); async move { d.signaled().await } };
+        let shutdown = {
+            let d = drain.clone();
+            async move { d.signaled().await }
+        };
         let result = tonic::transport::Server::builder()
             .add_service(ads)
             .serve_with_incoming_shutdown(TcpListenerStream::new(xds), shutdown)
@@ -107,7 +157,12 @@ impl App {
 
 /// `/metrics` in Prometheus text format, on Istio's control-plane monitoring port, and `/debug/nacks`:
 /// the recent NACKs with each proxy's `error_detail`, as JSON.
-async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>, xds: XdsMetrics, drain: DrainWatcher) {
+async fn serve_metrics(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    xds: XdsMetrics,
+    drain: DrainWatcher,
+) {
     let mut conns = JoinSet::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -129,19 +184,25 @@ async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>, xds: XdsM
                         Err(e) => (500, format!("cannot encode NACKs: {e}")),
                     }
                 } else if req.uri().path() == "/metrics" {
-                    let mut text = String::new();
-                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => (200, text),
+                    match weft_telemetry::encode_prometheus_text(&registry) {
+                        Ok(text) => (200, text),
                         Err(e) => (500, format!("cannot encode metrics: {e}")),
                     }
                 } else {
                     (404, "not found\n".into())
                 };
-                Ok::<_, Infallible>(Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap_or_default())
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default(),
+                )
             }
         });
         conns.spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
     conns.abort_all();

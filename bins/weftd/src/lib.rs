@@ -52,10 +52,15 @@ impl Model {
 
     /// The first DestinationRule for a host, as Istio uses one per host.
     pub fn destination_rule_for(&self, svc: &Service) -> Option<&DestinationRuleSpec> {
-        self.destination_rules.iter().find(|dr| translate::dr_applies(dr, svc)).map(|dr| &dr.spec)
+        self.destination_rules
+            .iter()
+            .find(|dr| translate::dr_applies(dr, svc))
+            .map(|dr| &dr.spec)
     }
 
     pub fn virtual_service_for(&self, svc: &Service) -> Option<&Object<VirtualServiceSpec>> {
-        self.virtual_services.iter().find(|vs| translate::vs_applies(vs, svc))
+        self.virtual_services
+            .iter()
+            .find(|vs| translate::vs_applies(vs, svc))
     }
 }

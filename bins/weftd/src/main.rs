@@ -15,7 +15,11 @@ struct Args {
     #[arg(long, env = "WEFTD_XDS_ADDRESS", default_value = "0.0.0.0:15010")]
     xds_address: SocketAddr,
     /// Address for /metrics (Istio's control-plane monitoring port 15014).
-    #[arg(long, env = "WEFTD_MONITORING_ADDRESS", default_value = "0.0.0.0:15014")]
+    #[arg(
+        long,
+        env = "WEFTD_MONITORING_ADDRESS",
+        default_value = "0.0.0.0:15014"
+    )]
     monitoring_address: SocketAddr,
     /// Mesh-wide access log path for every proxy (`meshConfig.accessLogFile`); empty turns logs off.
     #[arg(long, env = "WEFTD_ACCESS_LOG_FILE", default_value = "")]
@@ -23,7 +27,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let Args { config_dir, xds_address, monitoring_address, access_log_file } = Args::parse();
+    let Args {
+        config_dir,
+        xds_address,
+        monitoring_address,
+        access_log_file,
+    } = Args::parse();
     weft_telemetry::init_tracing();
     let config = app::Config {
         config_dir,
@@ -54,7 +63,10 @@ async fn run(config: app::Config) -> anyhow::Result<()> {
     let server = tokio::spawn(app.run(watcher));
     weft_telemetry::shutdown_signal().await;
     tracing::info!("shutting down: draining proxies' streams");
-    if tokio::time::timeout(Duration::from_secs(5), trigger.drain()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), trigger.drain())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain deadline passed; closing anyway");
     }
     server.await??;

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use tracing::warn;
 use weft_api::{
-    Resources, labels_match,
+    Resources,
     istio::{ServiceEntryPort, WorkloadEntrySpec},
     k8s::ServicePort,
+    labels_match,
 };
 
 /// Kubernetes' cluster DNS suffix; Istio names services `<name>.<namespace>.svc.<domain>`.
@@ -102,25 +103,36 @@ impl Registry {
             let hostname = format!("{name}.{ns}.svc.{DNS_DOMAIN}");
             let ports = svc.spec.ports.iter().map(k8s_port).collect();
             let mut endpoints = Vec::new();
-            let slices = r.endpoint_slices.iter().filter(|s| s.metadata.namespace() == ns && s.service_name() == Some(name.as_str()));
+            let slices = r.endpoint_slices.iter().filter(|s| {
+                s.metadata.namespace() == ns && s.service_name() == Some(name.as_str())
+            });
             for slice in slices {
                 for ep in &slice.endpoints {
                     let pod = ep.target_ref.as_ref().and_then(|t| {
-                        r.pods.iter().find(|p| p.metadata.name == t.name && p.metadata.namespace() == ns)
+                        r.pods
+                            .iter()
+                            .find(|p| p.metadata.name == t.name && p.metadata.namespace() == ns)
                     });
                     let labels = pod.map(|p| p.metadata.labels.clone()).unwrap_or_default();
-                    let healthy = ep.conditions.ready.unwrap_or(true) && !ep.conditions.terminating.unwrap_or(false);
+                    let healthy = ep.conditions.ready.unwrap_or(true)
+                        && !ep.conditions.terminating.unwrap_or(false);
                     let ports: BTreeMap<String, u16> = svc
                         .spec
                         .ports
                         .iter()
-                        .filter_map(|sp| target_port(sp, &slice.ports).map(|p| (port_key(sp.name.as_deref(), sp.port), p)))
+                        .filter_map(|sp| {
+                            target_port(sp, &slice.ports)
+                                .map(|p| (port_key(sp.name.as_deref(), sp.port), p))
+                        })
                         .collect();
                     for address in &ep.addresses {
                         endpoints.push(Endpoint {
                             address: address.clone(),
                             ports: ports.clone(),
-                            workload_name: workload_name(&labels, pod.map(|p| p.metadata.name.as_str())),
+                            workload_name: workload_name(
+                                &labels,
+                                pod.map(|p| p.metadata.name.as_str()),
+                            ),
                             labels: labels.clone(),
                             weight: 1,
                             healthy,
@@ -132,18 +144,33 @@ impl Registry {
                     }
                 }
             }
-            services.insert(hostname.clone(), Service { hostname, name, namespace: ns, ports, endpoints });
+            services.insert(
+                hostname.clone(),
+                Service {
+                    hostname,
+                    name,
+                    namespace: ns,
+                    ports,
+                    endpoints,
+                },
+            );
         }
         for se in &r.service_entries {
             let ns = se.metadata.namespace().to_string();
             let ports: Vec<Port> = se.spec.ports.iter().map(se_port).collect();
-            let mut endpoints: Vec<Endpoint> = se.spec.endpoints.iter().map(|we| workload_entry(we, &ns, None)).collect();
+            let mut endpoints: Vec<Endpoint> = se
+                .spec
+                .endpoints
+                .iter()
+                .map(|we| workload_entry(we, &ns, None))
+                .collect();
             if let Some(selector) = &se.spec.workload_selector {
-                let selected = r
-                    .workload_entries
-                    .iter()
-                    .filter(|we| we.metadata.namespace() == ns && labels_match(&selector.labels, &we.spec.labels));
-                endpoints.extend(selected.map(|we| workload_entry(&we.spec, &ns, Some(&we.metadata.name))));
+                let selected = r.workload_entries.iter().filter(|we| {
+                    we.metadata.namespace() == ns && labels_match(&selector.labels, &we.spec.labels)
+                });
+                endpoints.extend(
+                    selected.map(|we| workload_entry(&we.spec, &ns, Some(&we.metadata.name))),
+                );
             }
             for host in &se.spec.hosts {
                 if services.contains_key(host) {
@@ -153,7 +180,13 @@ impl Registry {
                 let name = host.split('.').next().unwrap_or(host).to_string();
                 services.insert(
                     host.clone(),
-                    Service { hostname: host.clone(), name, namespace: ns.clone(), ports: ports.clone(), endpoints: endpoints.clone() },
+                    Service {
+                        hostname: host.clone(),
+                        name,
+                        namespace: ns.clone(),
+                        ports: ports.clone(),
+                        endpoints: endpoints.clone(),
+                    },
                 );
             }
         }
@@ -168,13 +201,19 @@ impl Registry {
 
 /// A short name (no dot) means a Kubernetes service in the rule's own namespace.
 pub fn fqdn(host: &str, namespace: &str) -> String {
-    if host.contains('.') || host == "*" { host.to_string() } else { format!("{host}.{namespace}.svc.{DNS_DOMAIN}") }
+    if host.contains('.') || host == "*" {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.{DNS_DOMAIN}")
+    }
 }
 
 /// Istio's `workload` name: the `app` label's owner is not known in a YAML directory, so the pod's
 /// `app.kubernetes.io/name`/`app` label stands in, then the pod name.
 fn workload_name(labels: &BTreeMap<String, String>, pod: Option<&str>) -> String {
-    let app = labels.get("app.kubernetes.io/name").or_else(|| labels.get("app"));
+    let app = labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| labels.get("app"));
     match (app, labels.get("version")) {
         (Some(app), Some(version)) => format!("{app}-{version}"),
         (Some(app), None) => app.clone(),
@@ -183,7 +222,8 @@ fn workload_name(labels: &BTreeMap<String, String>, pod: Option<&str>) -> String
 }
 
 fn port_key(name: Option<&str>, number: u16) -> String {
-    name.map(str::to_string).unwrap_or_else(|| number.to_string())
+    name.map(str::to_string)
+        .unwrap_or_else(|| number.to_string())
 }
 
 fn k8s_port(p: &ServicePort) -> Port {
@@ -207,7 +247,11 @@ fn target_port(sp: &ServicePort, slice_ports: &[weft_api::k8s::EndpointPort]) ->
 }
 
 fn se_port(p: &ServiceEntryPort) -> Port {
-    Port { name: p.name.clone(), number: p.number, protocol: Protocol::infer(Some(&p.name), None, p.protocol.as_deref()) }
+    Port {
+        name: p.name.clone(),
+        number: p.number,
+        protocol: Protocol::infer(Some(&p.name), None, p.protocol.as_deref()),
+    }
 }
 
 fn workload_entry(we: &WorkloadEntrySpec, ns: &str, name: Option<&str>) -> Endpoint {
@@ -219,7 +263,10 @@ fn workload_entry(we: &WorkloadEntrySpec, ns: &str, name: Option<&str>) -> Endpo
         weight: we.weight.unwrap_or(1).max(1),
         healthy: true,
         namespace: ns.to_string(),
-        service_account: we.service_account.clone().unwrap_or_else(|| "default".into()),
+        service_account: we
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".into()),
     }
 }
 
@@ -242,7 +289,11 @@ mod tests {
             (Some("web"), None, None, Tcp),
             (Some("api"), None, Some("GRPC"), Grpc),
         ] {
-            assert_eq!(Protocol::infer(name, app, declared), want, "{name:?} {app:?} {declared:?}");
+            assert_eq!(
+                Protocol::infer(name, app, declared),
+                want,
+                "{name:?} {app:?} {declared:?}"
+            );
         }
     }
 
@@ -250,7 +301,12 @@ mod tests {
     fn services_come_from_kubernetes_and_service_entries() {
         let mut r = Resources::default();
         let mut rejected = Vec::new();
-        weft_api::parse_manifests("t.yaml", include_str!("../tests/fixtures/registry.yaml"), &mut r, &mut rejected);
+        weft_api::parse_manifests(
+            "t.yaml",
+            include_str!("../tests/fixtures/registry.yaml"),
+            &mut r,
+            &mut rejected,
+        );
         assert!(rejected.is_empty(), "{rejected:?}");
         let reg = Registry::build(&r);
         let reviews = reg.resolve("reviews", "bookinfo").expect("reviews");
@@ -259,10 +315,25 @@ mod tests {
         let eps: Vec<(&str, u16, &str, bool)> = reviews
             .endpoints
             .iter()
-            .map(|e| (e.address.as_str(), e.ports["http"], e.labels["version"].as_str(), e.healthy))
+            .map(|e| {
+                (
+                    e.address.as_str(),
+                    e.ports["http"],
+                    e.labels["version"].as_str(),
+                    e.healthy,
+                )
+            })
             .collect();
-        assert_eq!(eps, [("10.0.0.1", 9080, "v1", true), ("10.0.0.2", 9080, "v2", false)]);
-        let vm = reg.resolve("vm.example.com", "bookinfo").expect("service entry");
+        assert_eq!(
+            eps,
+            [
+                ("10.0.0.1", 9080, "v1", true),
+                ("10.0.0.2", 9080, "v2", false)
+            ]
+        );
+        let vm = reg
+            .resolve("vm.example.com", "bookinfo")
+            .expect("service entry");
         assert_eq!(vm.endpoints.len(), 2);
         assert_eq!(vm.endpoints[1].workload_name, "vm-app");
         assert_eq!(vm.ports[0].protocol, Protocol::Grpc);

@@ -12,7 +12,10 @@ use tracing::{info, warn};
 use weft_drain::DrainWatcher;
 use weft_xds::server::SnapshotGenerator;
 
-use crate::{Model, translate::{Generator, MeshOptions}};
+use crate::{
+    Model,
+    translate::{Generator, MeshOptions},
+};
 
 /// Loads the directory into a model, logging each skipped resource with its file, kind, name and reason.
 pub fn load(dir: &Path, mesh: &MeshOptions) -> Model {
@@ -35,13 +38,18 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
                 stack.push(path);
-            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            ) {
                 out.push((path, meta.len(), meta.modified().ok()));
             }
         }

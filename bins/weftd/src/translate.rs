@@ -7,11 +7,12 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use serde_json::Value;
 use tracing::warn;
 use weft_api::{
-    Object, labels_match, parse_duration,
+    Object,
     istio::{
-        Destination, DestinationRuleSpec, HeaderOperations, HttpMatchRequest, HttpRoute, SidecarSpec, StringMatch,
-        TrafficPolicy, VirtualServiceSpec,
+        Destination, DestinationRuleSpec, HeaderOperations, HttpMatchRequest, HttpRoute,
+        SidecarSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
     },
+    labels_match, parse_duration,
 };
 use weft_xds::{
     NodeInfo, ProxyId, Snapshot, pack,
@@ -21,17 +22,21 @@ use weft_xds::{
                 accesslog::v3::{AccessLog, access_log},
                 cluster::v3::{Cluster, OutlierDetection, cluster},
                 core::v3::{
-                    Address, AggregatedConfigSource, ConfigSource, DataSource, HeaderValue, HeaderValueOption,
-                    HealthStatus, Http2ProtocolOptions, Metadata, SocketAddress, TrafficDirection, address,
-                    config_source, data_source, header_value_option::HeaderAppendAction, socket_address,
+                    Address, AggregatedConfigSource, ConfigSource, DataSource, HeaderValue,
+                    HeaderValueOption, HealthStatus, Http2ProtocolOptions, Locality, Metadata,
+                    SocketAddress, TrafficDirection, address, config_source, data_source,
+                    header_value_option::HeaderAppendAction, socket_address,
                 },
-                endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+                endpoint::v3::{
+                    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+                },
                 listener::v3::{ApiListener, Filter, FilterChain, Listener, filter},
                 route::v3::{
-                    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy,
-                    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
-                    header_matcher, query_parameter_matcher, redirect_action, retry_policy, route, route_action,
-                    route_match, weighted_cluster::ClusterWeight,
+                    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction,
+                    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+                    WeightedCluster, header_matcher, query_parameter_matcher, redirect_action,
+                    retry_policy, route, route_action, route_match,
+                    weighted_cluster::ClusterWeight,
                 },
             },
             extensions::{
@@ -39,7 +44,10 @@ use weft_xds::{
                 filters::{
                     http::router::v3::Router,
                     network::{
-                        http_connection_manager::v3::{HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter},
+                        http_connection_manager::v3::{
+                            HttpConnectionManager, HttpFilter, Rds, http_connection_manager,
+                            http_filter,
+                        },
                         tcp_proxy::v3::{TcpProxy, tcp_proxy},
                     },
                 },
@@ -62,7 +70,8 @@ pub mod names {
     pub const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
     pub const ROUTER: &str = "envoy.filters.http.router";
     pub const FILE_ACCESS_LOG: &str = "envoy.access_loggers.file";
-    pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    pub const HTTP_PROTOCOL_OPTIONS: &str =
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
     /// Istio's filter-metadata namespace for workload facts on endpoints and clusters.
     pub const ISTIO_METADATA: &str = "istio";
 }
@@ -75,7 +84,8 @@ pub struct MeshOptions {
 }
 
 /// Istio's default retry policy for routes that set none (`meshConfig.defaultHttpRetryPolicy`).
-const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+const DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
 const DEFAULT_CONNECT_TIMEOUT_SECS: i64 = 10;
 
@@ -93,12 +103,17 @@ impl Proxy {
     pub fn from_node(node: &NodeInfo) -> Result<Self, weft_xds::ProxyIdError> {
         let id: ProxyId = node.id.parse()?;
         let labels = match node.metadata.get("LABELS") {
-            Some(Value::Object(m)) => m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect(),
+            Some(Value::Object(m)) => m
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect(),
             _ => BTreeMap::new(),
         };
         Ok(Self {
             ip: id.ip,
-            namespace: node.meta_str("NAMESPACE").map_or(id.namespace, str::to_string),
+            namespace: node
+                .meta_str("NAMESPACE")
+                .map_or(id.namespace, str::to_string),
             labels,
             proxyless_grpc: node.meta_str("GENERATOR") == Some("grpc"),
         })
@@ -135,7 +150,12 @@ pub fn inbound_cluster_name(port: u16) -> String {
 pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
     let mut snap = Snapshot::default();
     let sidecar = model.sidecar_for(proxy);
-    let visible: Vec<&Service> = model.registry.services.values().filter(|s| visible_to(s, sidecar, proxy)).collect();
+    let visible: Vec<&Service> = model
+        .registry
+        .services
+        .values()
+        .filter(|s| visible_to(s, sidecar, proxy))
+        .collect();
 
     for svc in &visible {
         let dr = model.destination_rule_for(svc);
@@ -159,7 +179,14 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
                 let name = format!("{}:{}", svc.hostname, port.number);
                 snap.insert(&name, &api_listener(&name));
                 let vh = virtual_host(model, svc, port.number, &proxy.namespace);
-                snap.insert(&name, &RouteConfiguration { name: name.clone(), virtual_hosts: vec![vh], ..Default::default() });
+                snap.insert(
+                    &name,
+                    &RouteConfiguration {
+                        name: name.clone(),
+                        virtual_hosts: vec![vh],
+                        ..Default::default()
+                    },
+                );
             }
         }
         return snap;
@@ -170,8 +197,16 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
     for ingress in &sidecar.spec.ingress {
         let port = ingress.port.number;
         let bind = ingress.bind.clone().unwrap_or_else(|| bind_default.clone());
-        let protocol = Protocol::infer(ingress.port.name.as_deref(), None, ingress.port.protocol.as_deref());
-        let Some(app) = ingress.default_endpoint.as_deref().and_then(parse_default_endpoint) else {
+        let protocol = Protocol::infer(
+            ingress.port.name.as_deref(),
+            None,
+            ingress.port.protocol.as_deref(),
+        );
+        let Some(app) = ingress
+            .default_endpoint
+            .as_deref()
+            .and_then(parse_default_endpoint)
+        else {
             warn!(sidecar = %sidecar.metadata.name, port, "ingress listener without a usable defaultEndpoint; skipping it");
             continue;
         };
@@ -189,7 +224,9 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
                     routes: vec![Route {
                         r#match: Some(prefix_match("/")),
                         action: Some(route::Action::Route(RouteAction {
-                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster_name.clone())),
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                                cluster_name.clone(),
+                            )),
                             timeout: Some(duration(std::time::Duration::ZERO)),
                             ..Default::default()
                         })),
@@ -199,11 +236,27 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
                 }],
                 ..Default::default()
             };
-            hcm_filter(&listener_name, http_connection_manager::RouteSpecifier::RouteConfig(route), &model.mesh)
+            hcm_filter(
+                &listener_name,
+                http_connection_manager::RouteSpecifier::RouteConfig(route),
+                &model.mesh,
+            )
         } else {
-            tcp_proxy_filter(&listener_name, tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone()))
+            tcp_proxy_filter(
+                &listener_name,
+                tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone()),
+            )
         };
-        snap.insert(&listener_name, &listener(&listener_name, &bind, port, TrafficDirection::Inbound, chain));
+        snap.insert(
+            &listener_name,
+            &listener(
+                &listener_name,
+                &bind,
+                port,
+                TrafficDirection::Inbound,
+                chain,
+            ),
+        );
     }
     for egress in &sidecar.spec.egress {
         let Some(port) = &egress.port else {
@@ -212,14 +265,34 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         };
         let bind = egress.bind.clone().unwrap_or_else(|| bind_default.clone());
         let listener_name = format!("{bind}_{}", port.number);
-        let on_port: Vec<&&Service> = visible.iter().filter(|s| s.port(port.number).is_some()).collect();
+        let on_port: Vec<&&Service> = visible
+            .iter()
+            .filter(|s| s.port(port.number).is_some())
+            .collect();
         let protocol = Protocol::infer(port.name.as_deref(), None, port.protocol.as_deref());
         let chain = if protocol.is_http() {
             let route_name = port.number.to_string();
-            let virtual_hosts = on_port.iter().map(|s| virtual_host(model, s, port.number, &proxy.namespace)).collect();
-            snap.insert(&route_name, &RouteConfiguration { name: route_name.clone(), virtual_hosts, ..Default::default() });
-            let rds = Rds { config_source: Some(ads()), route_config_name: route_name };
-            hcm_filter(&listener_name, http_connection_manager::RouteSpecifier::Rds(rds), &model.mesh)
+            let virtual_hosts = on_port
+                .iter()
+                .map(|s| virtual_host(model, s, port.number, &proxy.namespace))
+                .collect();
+            snap.insert(
+                &route_name,
+                &RouteConfiguration {
+                    name: route_name.clone(),
+                    virtual_hosts,
+                    ..Default::default()
+                },
+            );
+            let rds = Rds {
+                config_source: Some(ads()),
+                route_config_name: route_name,
+            };
+            hcm_filter(
+                &listener_name,
+                http_connection_manager::RouteSpecifier::Rds(rds),
+                &model.mesh,
+            )
         } else {
             // A TCP port cannot tell services apart without an address to match on; the first one wins.
             let Some(svc) = on_port.first() else {
@@ -231,7 +304,16 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
             }
             tcp_proxy_filter(&listener_name, tcp_destination(model, svc, port.number))
         };
-        snap.insert(&listener_name, &listener(&listener_name, &bind, port.number, TrafficDirection::Outbound, chain));
+        snap.insert(
+            &listener_name,
+            &listener(
+                &listener_name,
+                &bind,
+                port.number,
+                TrafficDirection::Outbound,
+                chain,
+            ),
+        );
     }
     snap
 }
@@ -251,7 +333,9 @@ fn visible_to(svc: &Service, sidecar: Option<&Object<SidecarSpec>>, proxy: &Prox
         };
         let host_ok = host == "*"
             || host == svc.hostname
-            || host.strip_prefix('*').is_some_and(|suffix| svc.hostname.ends_with(suffix));
+            || host
+                .strip_prefix('*')
+                .is_some_and(|suffix| svc.hostname.ends_with(suffix));
         ns_ok && host_ok
     })
 }
@@ -265,14 +349,19 @@ fn parse_default_endpoint(s: &str) -> Option<(String, u16)> {
 
 fn ads() -> ConfigSource {
     ConfigSource {
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
         resource_api_version: 2, // V3
         ..Default::default()
     }
 }
 
 fn duration(d: std::time::Duration) -> wkt::Duration {
-    wkt::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    wkt::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 fn socket_address(ip: &str, port: u16) -> Address {
@@ -289,7 +378,10 @@ fn typed(name: &str, any: Any) -> (String, Any) {
     (name.to_string(), any)
 }
 
-fn http_protocol_options(protocol: Protocol, policy: Option<&TrafficPolicy>) -> Option<(String, Any)> {
+fn http_protocol_options(
+    protocol: Protocol,
+    policy: Option<&TrafficPolicy>,
+) -> Option<(String, Any)> {
     let upgrade = policy
         .and_then(|p| p.connection_pool.as_ref())
         .and_then(|c| c.http.as_ref())
@@ -312,7 +404,9 @@ fn http_protocol_options(protocol: Protocol, policy: Option<&TrafficPolicy>) -> 
 }
 
 fn outbound_cluster(name: &str, protocol: Protocol, policy: Option<&TrafficPolicy>) -> Cluster {
-    let lb = policy.and_then(|p| p.load_balancer.as_ref()).and_then(|lb| lb.simple.as_deref());
+    let lb = policy
+        .and_then(|p| p.load_balancer.as_ref())
+        .and_then(|lb| lb.simple.as_deref());
     let lb_policy = match lb {
         Some("ROUND_ROBIN") => cluster::LbPolicy::RoundRobin,
         Some("RANDOM") => cluster::LbPolicy::Random,
@@ -325,22 +419,49 @@ fn outbound_cluster(name: &str, protocol: Protocol, policy: Option<&TrafficPolic
         .and_then(|t| t.connect_timeout.as_deref())
         .and_then(|t| parse_duration(t).ok())
         .map(duration)
-        .unwrap_or(wkt::Duration { seconds: DEFAULT_CONNECT_TIMEOUT_SECS, nanos: 0 });
-    let outlier_detection = policy.and_then(|p| p.outlier_detection.as_ref()).map(|o| OutlierDetection {
-        consecutive_5xx: o.consecutive5xx_errors.map(|value| wkt::UInt32Value { value }),
-        consecutive_gateway_failure: o.consecutive_gateway_errors.map(|value| wkt::UInt32Value { value }),
-        interval: o.interval.as_deref().and_then(|d| parse_duration(d).ok()).map(duration),
-        base_ejection_time: o.base_ejection_time.as_deref().and_then(|d| parse_duration(d).ok()).map(duration),
-        max_ejection_percent: o.max_ejection_percent.map(|value| wkt::UInt32Value { value }),
-        ..Default::default()
-    });
+        .unwrap_or(wkt::Duration {
+            seconds: DEFAULT_CONNECT_TIMEOUT_SECS,
+            nanos: 0,
+        });
+    let outlier_detection =
+        policy
+            .and_then(|p| p.outlier_detection.as_ref())
+            .map(|o| OutlierDetection {
+                consecutive_5xx: o
+                    .consecutive5xx_errors
+                    .map(|value| wkt::UInt32Value { value }),
+                consecutive_gateway_failure: o
+                    .consecutive_gateway_errors
+                    .map(|value| wkt::UInt32Value { value }),
+                interval: o
+                    .interval
+                    .as_deref()
+                    .and_then(|d| parse_duration(d).ok())
+                    .map(duration),
+                base_ejection_time: o
+                    .base_ejection_time
+                    .as_deref()
+                    .and_then(|d| parse_duration(d).ok())
+                    .map(duration),
+                max_ejection_percent: o
+                    .max_ejection_percent
+                    .map(|value| wkt::UInt32Value { value }),
+                ..Default::default()
+            });
     Cluster {
         name: name.to_string(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
-        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
         connect_timeout: Some(connect_timeout),
         lb_policy: lb_policy as i32,
-        typed_extension_protocol_options: http_protocol_options(protocol, policy).into_iter().collect(),
+        typed_extension_protocol_options: http_protocol_options(protocol, policy)
+            .into_iter()
+            .collect(),
         outlier_detection,
         ..Default::default()
     }
@@ -349,9 +470,16 @@ fn outbound_cluster(name: &str, protocol: Protocol, policy: Option<&TrafficPolic
 fn static_cluster(name: &str, ip: &str, port: u16, protocol: Protocol) -> Cluster {
     Cluster {
         name: name.to_string(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
-        connect_timeout: Some(wkt::Duration { seconds: DEFAULT_CONNECT_TIMEOUT_SECS, nanos: 0 }),
-        typed_extension_protocol_options: http_protocol_options(protocol, None).into_iter().collect(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        connect_timeout: Some(wkt::Duration {
+            seconds: DEFAULT_CONNECT_TIMEOUT_SECS,
+            nanos: 0,
+        }),
+        typed_extension_protocol_options: http_protocol_options(protocol, None)
+            .into_iter()
+            .collect(),
         load_assignment: Some(ClusterLoadAssignment {
             cluster_name: name.to_string(),
             endpoints: vec![LocalityLbEndpoints {
@@ -364,13 +492,23 @@ fn static_cluster(name: &str, ip: &str, port: u16, protocol: Protocol) -> Cluste
     }
 }
 
-fn lb_endpoint(ip: &str, port: u16, weight: u32, healthy: bool, metadata: Option<Metadata>) -> LbEndpoint {
+fn lb_endpoint(
+    ip: &str,
+    port: u16,
+    weight: u32,
+    healthy: bool,
+    metadata: Option<Metadata>,
+) -> LbEndpoint {
     LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
             address: Some(socket_address(ip, port)),
             ..Default::default()
         })),
-        health_status: if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy } as i32,
+        health_status: if healthy {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        } as i32,
         load_balancing_weight: Some(wkt::UInt32Value { value: weight }),
         metadata,
     }
@@ -378,13 +516,22 @@ fn lb_endpoint(ip: &str, port: u16, weight: u32, healthy: bool, metadata: Option
 
 fn istio_metadata(fields: serde_json::Map<String, Value>) -> Metadata {
     Metadata {
-        filter_metadata: [(names::ISTIO_METADATA.to_string(), weft_xds::structs::json_to_struct(&fields))].into(),
+        filter_metadata: [(
+            names::ISTIO_METADATA.to_string(),
+            weft_xds::structs::json_to_struct(&fields),
+        )]
+        .into(),
         ..Default::default()
     }
 }
 
 /// The endpoints of one service port, restricted to a subset's labels.
-fn load_assignment(name: &str, svc: &Service, port: &crate::registry::Port, subset: &BTreeMap<String, String>) -> ClusterLoadAssignment {
+fn load_assignment(
+    name: &str,
+    svc: &Service,
+    port: &crate::registry::Port,
+    subset: &BTreeMap<String, String>,
+) -> ClusterLoadAssignment {
     let lb_endpoints = svc
         .endpoints
         .iter()
@@ -392,17 +539,40 @@ fn load_assignment(name: &str, svc: &Service, port: &crate::registry::Port, subs
         .map(|e| {
             let target = e.ports.get(&port.name).copied().unwrap_or(port.number);
             // Istio's `workload` metadata: name;namespace;canonical name;revision;cluster.
-            let app = e.labels.get("app").cloned().unwrap_or_else(|| e.workload_name.clone());
-            let version = e.labels.get("version").cloned().unwrap_or_else(|| "latest".into());
-            let workload = format!("{};{};{app};{version};Kubernetes", e.workload_name, e.namespace);
-            let meta = serde_json::Map::from_iter([("workload".to_string(), Value::String(workload))]);
-            lb_endpoint(&e.address, target, e.weight, e.healthy, Some(istio_metadata(meta)))
+            let app = e
+                .labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| e.workload_name.clone());
+            let version = e
+                .labels
+                .get("version")
+                .cloned()
+                .unwrap_or_else(|| "latest".into());
+            let workload = format!(
+                "{};{};{app};{version};Kubernetes",
+                e.workload_name, e.namespace
+            );
+            let meta =
+                serde_json::Map::from_iter([("workload".to_string(), Value::String(workload))]);
+            lb_endpoint(
+                &e.address,
+                target,
+                e.weight,
+                e.healthy,
+                Some(istio_metadata(meta)),
+            )
         })
         .collect();
     ClusterLoadAssignment {
         cluster_name: name.to_string(),
-        // gRPC clients ignore localities without a weight.
-        endpoints: vec![LocalityLbEndpoints { lb_endpoints, load_balancing_weight: Some(wkt::UInt32Value { value: 1 }), ..Default::default() }],
+        // gRPC clients reject endpoints without a locality and ignore localities without a weight.
+        endpoints: vec![LocalityLbEndpoints {
+            locality: Some(Locality::default()),
+            lb_endpoints,
+            load_balancing_weight: Some(wkt::UInt32Value { value: 1 }),
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }
@@ -414,17 +584,33 @@ fn services_metadata(model: &Model, proxy: &Proxy, port: u16) -> Metadata {
         .registry
         .services
         .values()
-        .filter(|s| s.endpoints.iter().any(|e| e.address == ip && e.ports.values().any(|p| *p == port)))
+        .filter(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.address == ip && e.ports.values().any(|p| *p == port))
+        })
         .map(|s| serde_json::json!({"host": s.hostname, "name": s.name, "namespace": s.namespace}))
         .collect();
-    istio_metadata(serde_json::Map::from_iter([("services".to_string(), Value::Array(services))]))
+    istio_metadata(serde_json::Map::from_iter([(
+        "services".to_string(),
+        Value::Array(services),
+    )]))
 }
 
-fn listener(name: &str, ip: &str, port: u16, direction: TrafficDirection, filter: Filter) -> Listener {
+fn listener(
+    name: &str,
+    ip: &str,
+    port: u16,
+    direction: TrafficDirection,
+    filter: Filter,
+) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket_address(ip, port)),
-        filter_chains: vec![FilterChain { filters: vec![filter], ..Default::default() }],
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        }],
         traffic_direction: direction as i32,
         ..Default::default()
     }
@@ -433,12 +619,18 @@ fn listener(name: &str, ip: &str, port: u16, direction: TrafficDirection, filter
 fn router_filter() -> HttpFilter {
     HttpFilter {
         name: names::ROUTER.into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Router::default()))),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+            &Router::default(),
+        ))),
         ..Default::default()
     }
 }
 
-fn hcm_filter(stat_prefix: &str, routes: http_connection_manager::RouteSpecifier, mesh: &MeshOptions) -> Filter {
+fn hcm_filter(
+    stat_prefix: &str,
+    routes: http_connection_manager::RouteSpecifier,
+    mesh: &MeshOptions,
+) -> Filter {
     let access_log = (!mesh.access_log_file.is_empty())
         .then(|| AccessLog {
             name: names::FILE_ACCESS_LOG.into(),
@@ -455,10 +647,16 @@ fn hcm_filter(stat_prefix: &str, routes: http_connection_manager::RouteSpecifier
         route_specifier: Some(routes),
         http_filters: vec![router_filter()],
         access_log,
-        upgrade_configs: vec![http_connection_manager::UpgradeConfig { upgrade_type: "websocket".into(), ..Default::default() }],
+        upgrade_configs: vec![http_connection_manager::UpgradeConfig {
+            upgrade_type: "websocket".into(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
-    Filter { name: names::HCM.into(), config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))) }
+    Filter {
+        name: names::HCM.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+    }
 }
 
 fn api_listener(name: &str) -> Listener {
@@ -473,24 +671,42 @@ fn api_listener(name: &str) -> Listener {
     };
     Listener {
         name: name.to_string(),
-        api_listener: Some(ApiListener { api_listener: Some(pack(&hcm)) }),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack(&hcm)),
+        }),
         ..Default::default()
     }
 }
 
 fn tcp_proxy_filter(stat_prefix: &str, cluster: tcp_proxy::ClusterSpecifier) -> Filter {
-    let proxy = TcpProxy { stat_prefix: stat_prefix.to_string(), cluster_specifier: Some(cluster), ..Default::default() };
-    Filter { name: names::TCP_PROXY.into(), config_type: Some(filter::ConfigType::TypedConfig(pack(&proxy))) }
+    let proxy = TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: Some(cluster),
+        ..Default::default()
+    };
+    Filter {
+        name: names::TCP_PROXY.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack(&proxy))),
+    }
 }
 
 /// Where TCP traffic to a service port goes: a VirtualService `tcp` route for the port, or the service.
 fn tcp_destination(model: &Model, svc: &Service, port: u16) -> tcp_proxy::ClusterSpecifier {
     let route = model.virtual_service_for(svc).and_then(|vs| {
-        vs.spec.tcp.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.port.is_none_or(|p| p == port)))
+        vs.spec
+            .tcp
+            .iter()
+            .find(|r| {
+                r.matches.is_empty() || r.matches.iter().any(|m| m.port.is_none_or(|p| p == port))
+            })
             .map(|r| (vs.metadata.namespace().to_string(), r))
     });
     let Some((ns, route)) = route.filter(|(_, r)| !r.route.is_empty()) else {
-        return tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(port, "", &svc.hostname));
+        return tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(
+            port,
+            "",
+            &svc.hostname,
+        ));
     };
     let clusters: Vec<_> = route
         .route
@@ -512,7 +728,12 @@ fn tcp_destination(model: &Model, svc: &Service, port: u16) -> tcp_proxy::Cluste
 fn destination_cluster(model: &Model, dest: &Destination, ns: &str, listener_port: u16) -> String {
     let host = fqdn(&dest.host, ns);
     let port = dest.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
-        match model.registry.services.get(&host).map(|s| s.ports.as_slice()) {
+        match model
+            .registry
+            .services
+            .get(&host)
+            .map(|s| s.ports.as_slice())
+        {
             Some([only]) => only.number,
             _ => listener_port,
         }
@@ -524,7 +745,10 @@ fn destination_cluster(model: &Model, dest: &Destination, ns: &str, listener_por
 /// a client in the proxy's namespace (or any namespace) can use, each with and without the port.
 fn domains(svc: &Service, port: u16, proxy_namespace: &str) -> Vec<String> {
     let mut names = vec![svc.hostname.clone()];
-    if let Some(stem) = svc.hostname.strip_suffix(&format!(".svc.{}", crate::registry::DNS_DOMAIN)) {
+    if let Some(stem) = svc
+        .hostname
+        .strip_suffix(&format!(".svc.{}", crate::registry::DNS_DOMAIN))
+    {
         names.push(format!("{stem}.svc"));
         names.push(stem.to_string());
         if svc.namespace == proxy_namespace {
@@ -548,7 +772,9 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, proxy_namespace: &str) 
             name: "default".into(),
             r#match: Some(prefix_match("/")),
             action: Some(route::Action::Route(RouteAction {
-                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(outbound_cluster_name(port, "", &svc.hostname))),
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                    outbound_cluster_name(port, "", &svc.hostname),
+                )),
                 timeout: Some(duration(std::time::Duration::ZERO)),
                 retry_policy: Some(default_retry_policy()),
                 ..Default::default()
@@ -565,7 +791,10 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, proxy_namespace: &str) 
 }
 
 fn prefix_match(prefix: &str) -> RouteMatch {
-    RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.into())), ..Default::default() }
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.into())),
+        ..Default::default()
+    }
 }
 
 fn string_matcher(sm: &StringMatch) -> Option<StringMatcher> {
@@ -574,11 +803,17 @@ fn string_matcher(sm: &StringMatch) -> Option<StringMatcher> {
     } else if let Some(v) = &sm.prefix {
         string_matcher::MatchPattern::Prefix(v.clone())
     } else if let Some(v) = &sm.regex {
-        string_matcher::MatchPattern::SafeRegex(RegexMatcher { regex: v.clone(), ..Default::default() })
+        string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+            regex: v.clone(),
+            ..Default::default()
+        })
     } else {
         return None;
     };
-    Some(StringMatcher { match_pattern: Some(pattern), ..Default::default() })
+    Some(StringMatcher {
+        match_pattern: Some(pattern),
+        ..Default::default()
+    })
 }
 
 fn header_matcher(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
@@ -586,20 +821,38 @@ fn header_matcher(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
         Some(m) => header_matcher::HeaderMatchSpecifier::StringMatch(m),
         None => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
     };
-    HeaderMatcher { name: name.to_string(), header_match_specifier: Some(spec), invert_match: invert, ..Default::default() }
+    HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(spec),
+        invert_match: invert,
+        ..Default::default()
+    }
 }
 
 fn route_match(m: &HttpMatchRequest) -> RouteMatch {
     let path = match &m.uri {
         Some(StringMatch { exact: Some(v), .. }) => route_match::PathSpecifier::Path(v.clone()),
-        Some(StringMatch { prefix: Some(v), .. }) => route_match::PathSpecifier::Prefix(v.clone()),
+        Some(StringMatch {
+            prefix: Some(v), ..
+        }) => route_match::PathSpecifier::Prefix(v.clone()),
         Some(StringMatch { regex: Some(v), .. }) => {
-            route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: v.clone(), ..Default::default() })
+            route_match::PathSpecifier::SafeRegex(RegexMatcher {
+                regex: v.clone(),
+                ..Default::default()
+            })
         }
         _ => route_match::PathSpecifier::Prefix("/".into()),
     };
-    let mut headers: Vec<HeaderMatcher> = m.headers.iter().map(|(k, v)| header_matcher(k, v, false)).collect();
-    headers.extend(m.without_headers.iter().map(|(k, v)| header_matcher(k, v, true)));
+    let mut headers: Vec<HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|(k, v)| header_matcher(k, v, false))
+        .collect();
+    headers.extend(
+        m.without_headers
+            .iter()
+            .map(|(k, v)| header_matcher(k, v, true)),
+    );
     if let Some(method) = &m.method {
         headers.push(header_matcher(":method", method, false));
     }
@@ -627,11 +880,21 @@ fn route_match(m: &HttpMatchRequest) -> RouteMatch {
 }
 
 fn header_options(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
-    let set = ops.set.iter().map(|kv| (kv, HeaderAppendAction::OverwriteIfExistsOrAdd));
-    let add = ops.add.iter().map(|kv| (kv, HeaderAppendAction::AppendIfExistsOrAdd));
+    let set = ops
+        .set
+        .iter()
+        .map(|kv| (kv, HeaderAppendAction::OverwriteIfExistsOrAdd));
+    let add = ops
+        .add
+        .iter()
+        .map(|kv| (kv, HeaderAppendAction::AppendIfExistsOrAdd));
     set.chain(add)
         .map(|((k, v), action)| HeaderValueOption {
-            header: Some(HeaderValue { key: k.clone(), value: v.clone(), ..Default::default() }),
+            header: Some(HeaderValue {
+                key: k.clone(),
+                value: v.clone(),
+                ..Default::default()
+            }),
             append_action: action as i32,
             ..Default::default()
         })
@@ -641,7 +904,9 @@ fn header_options(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
 fn default_retry_policy() -> RetryPolicy {
     RetryPolicy {
         retry_on: DEFAULT_RETRY_ON.into(),
-        num_retries: Some(wkt::UInt32Value { value: DEFAULT_RETRY_ATTEMPTS }),
+        num_retries: Some(wkt::UInt32Value {
+            value: DEFAULT_RETRY_ATTEMPTS,
+        }),
         retriable_status_codes: vec![503],
         ..Default::default()
     }
@@ -653,9 +918,16 @@ fn http_routes(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> Vec<Route> 
     let matches: Vec<RouteMatch> = if r.matches.is_empty() {
         vec![prefix_match("/")]
     } else {
-        r.matches.iter().filter(|m| m.port.is_none_or(|p| p == port)).map(route_match).collect()
+        r.matches
+            .iter()
+            .filter(|m| m.port.is_none_or(|p| p == port))
+            .map(route_match)
+            .collect()
     };
-    let mut template = Route { name: r.name.clone().unwrap_or_default(), ..Default::default() };
+    let mut template = Route {
+        name: r.name.clone().unwrap_or_default(),
+        ..Default::default()
+    };
     if let Some(h) = &r.headers {
         if let Some(req) = &h.request {
             template.request_headers_to_add = header_options(req);
@@ -669,18 +941,28 @@ fn http_routes(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> Vec<Route> 
     template.action = Some(if let Some(d) = &r.direct_response {
         route::Action::DirectResponse(DirectResponseAction {
             status: d.status.into(),
-            body: d.body.as_ref().and_then(|b| b.string.clone()).map(|s| DataSource {
-                specifier: Some(data_source::Specifier::InlineString(s)),
-                ..Default::default()
-            }),
+            body: d
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .map(|s| DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(s)),
+                    ..Default::default()
+                }),
             ..Default::default()
         })
     } else if let Some(rd) = &r.redirect {
         route::Action::Redirect(RedirectAction {
             host_redirect: rd.authority.clone().unwrap_or_default(),
             port_redirect: rd.port.map(u32::from).unwrap_or_default(),
-            path_rewrite_specifier: rd.uri.clone().map(redirect_action::PathRewriteSpecifier::PathRedirect),
-            scheme_rewrite_specifier: rd.scheme.clone().map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
+            path_rewrite_specifier: rd
+                .uri
+                .clone()
+                .map(redirect_action::PathRewriteSpecifier::PathRedirect),
+            scheme_rewrite_specifier: rd
+                .scheme
+                .clone()
+                .map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
             response_code: match rd.redirect_code.unwrap_or(301) {
                 302 => redirect_action::RedirectResponseCode::Found,
                 303 => redirect_action::RedirectResponseCode::SeeOther,
@@ -693,12 +975,23 @@ fn http_routes(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> Vec<Route> 
     } else {
         route::Action::Route(route_action(model, r, ns, port))
     });
-    matches.into_iter().map(|m| Route { r#match: Some(m), ..template.clone() }).collect()
+    matches
+        .into_iter()
+        .map(|m| Route {
+            r#match: Some(m),
+            ..template.clone()
+        })
+        .collect()
 }
 
 fn route_action(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> RouteAction {
     let cluster_specifier = if let [only] = r.route.as_slice() {
-        route_action::ClusterSpecifier::Cluster(destination_cluster(model, &only.destination, ns, port))
+        route_action::ClusterSpecifier::Cluster(destination_cluster(
+            model,
+            &only.destination,
+            ns,
+            port,
+        ))
     } else {
         let clusters = r
             .route
@@ -706,7 +999,9 @@ fn route_action(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> RouteActio
             .map(|d| {
                 let mut cw = ClusterWeight {
                     name: destination_cluster(model, &d.destination, ns, port),
-                    weight: Some(wkt::UInt32Value { value: d.weight.unwrap_or(0) }),
+                    weight: Some(wkt::UInt32Value {
+                        value: d.weight.unwrap_or(0),
+                    }),
                     ..Default::default()
                 };
                 if let Some(h) = &d.headers {
@@ -722,31 +1017,56 @@ fn route_action(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> RouteActio
                 cw
             })
             .collect();
-        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster { clusters, ..Default::default() })
+        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters,
+            ..Default::default()
+        })
     };
     let retry_policy = match &r.retries {
         None => Some(default_retry_policy()),
         Some(retries) if retries.attempts == 0 => None,
         Some(retries) => Some(RetryPolicy {
-            retry_on: retries.retry_on.clone().unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
-            num_retries: Some(wkt::UInt32Value { value: retries.attempts }),
-            per_try_timeout: retries.per_try_timeout.as_deref().and_then(|d| parse_duration(d).ok()).map(duration),
-            retry_back_off: retries.backoff.as_deref().and_then(|d| parse_duration(d).ok()).map(|d| retry_policy::RetryBackOff {
-                base_interval: Some(duration(d)),
-                ..Default::default()
+            retry_on: retries
+                .retry_on
+                .clone()
+                .unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
+            num_retries: Some(wkt::UInt32Value {
+                value: retries.attempts,
             }),
+            per_try_timeout: retries
+                .per_try_timeout
+                .as_deref()
+                .and_then(|d| parse_duration(d).ok())
+                .map(duration),
+            retry_back_off: retries
+                .backoff
+                .as_deref()
+                .and_then(|d| parse_duration(d).ok())
+                .map(|d| retry_policy::RetryBackOff {
+                    base_interval: Some(duration(d)),
+                    ..Default::default()
+                }),
             ..Default::default()
         }),
     };
     RouteAction {
         cluster_specifier: Some(cluster_specifier),
-        prefix_rewrite: r.rewrite.as_ref().and_then(|rw| rw.uri.clone()).unwrap_or_default(),
+        prefix_rewrite: r
+            .rewrite
+            .as_ref()
+            .and_then(|rw| rw.uri.clone())
+            .unwrap_or_default(),
         host_rewrite_specifier: r
             .rewrite
             .as_ref()
             .and_then(|rw| rw.authority.clone())
             .map(route_action::HostRewriteSpecifier::HostRewriteLiteral),
-        timeout: Some(duration(r.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or_default())),
+        timeout: Some(duration(
+            r.timeout
+                .as_deref()
+                .and_then(|t| parse_duration(t).ok())
+                .unwrap_or_default(),
+        )),
         retry_policy,
         ..Default::default()
     }

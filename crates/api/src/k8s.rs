@@ -52,7 +52,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 impl EndpointSlice {
     pub fn service_name(&self) -> Option<&str> {
-        self.metadata.labels.get(SERVICE_NAME_LABEL).map(String::as_str)
+        self.metadata
+            .labels
+            .get(SERVICE_NAME_LABEL)
+            .map(String::as_str)
     }
 }
 

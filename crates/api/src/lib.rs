@@ -47,6 +47,9 @@ pub struct Object<S> {
 
 /// `matchLabels`-style selection by exact label values, as Istio's `workloadSelector` and a Service's
 /// `selector` do. An empty selector selects everything.
-pub fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }

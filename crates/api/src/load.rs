@@ -8,8 +8,8 @@ use serde_json::Value;
 use crate::{
     Object,
     istio::{
-        DestinationRuleSpec, HttpRoute, ServiceEntrySpec, SidecarSpec, StringMatch, VirtualServiceSpec,
-        WorkloadEntrySpec,
+        DestinationRuleSpec, HttpRoute, ServiceEntrySpec, SidecarSpec, StringMatch,
+        VirtualServiceSpec, WorkloadEntrySpec,
     },
     k8s::{EndpointSlice, Pod, ServiceSpec},
 };
@@ -38,7 +38,11 @@ pub struct Rejected {
 
 impl std::fmt::Display for Rejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} {}: {}", self.file, self.kind, self.name, self.reason)
+        write!(
+            f,
+            "{}: {} {}: {}",
+            self.file, self.kind, self.name, self.reason
+        )
     }
 }
 
@@ -65,7 +69,11 @@ pub fn load_dir(dir: &Path) -> (Resources, Vec<Rejected>) {
     (resources, rejected)
 }
 
-fn collect_yaml_files(dir: &Path, files: &mut Vec<std::path::PathBuf>, rejected: &mut Vec<Rejected>) {
+fn collect_yaml_files(
+    dir: &Path,
+    files: &mut Vec<std::path::PathBuf>,
+    rejected: &mut Vec<Rejected>,
+) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -82,14 +90,22 @@ fn collect_yaml_files(dir: &Path, files: &mut Vec<std::path::PathBuf>, rejected:
         let path = entry.path();
         if path.is_dir() {
             collect_yaml_files(&path, files, rejected);
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
             files.push(path);
         }
     }
 }
 
 /// Parses the documents of one file into `resources`. `file` only labels rejections.
-pub fn parse_manifests(file: &str, text: &str, resources: &mut Resources, rejected: &mut Vec<Rejected>) {
+pub fn parse_manifests(
+    file: &str,
+    text: &str,
+    resources: &mut Resources,
+    rejected: &mut Vec<Rejected>,
+) {
     let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
         Ok(docs) => docs,
         Err(e) => {
@@ -106,8 +122,16 @@ pub fn parse_manifests(file: &str, text: &str, resources: &mut Resources, reject
         if doc.is_null() {
             continue;
         }
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("-").to_string();
-        let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
+        let kind = doc
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_string();
+        let api_version = doc
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let name = doc
             .pointer("/metadata/name")
             .and_then(Value::as_str)
@@ -115,7 +139,12 @@ pub fn parse_manifests(file: &str, text: &str, resources: &mut Resources, reject
             .to_string();
         let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
         if let Err(reason) = add_document(group, &kind, doc, resources) {
-            rejected.push(Rejected { file: file.into(), kind, name, reason });
+            rejected.push(Rejected {
+                file: file.into(),
+                kind,
+                name,
+                reason,
+            });
         }
     }
 }
@@ -187,7 +216,10 @@ fn validate_http_route(route: &HttpRoute) -> Result<(), String> {
 }
 
 fn validate_string_match(sm: &StringMatch) -> Result<(), String> {
-    let set = [&sm.exact, &sm.prefix, &sm.regex].iter().filter(|v| v.is_some()).count();
+    let set = [&sm.exact, &sm.prefix, &sm.regex]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
     if set > 1 {
         return Err("a string match takes only one of exact, prefix or regex".into());
     }
@@ -195,15 +227,30 @@ fn validate_string_match(sm: &StringMatch) -> Result<(), String> {
 }
 
 fn validate_destination_rule(spec: &DestinationRuleSpec) -> Result<(), String> {
-    let policies = spec.traffic_policy.iter().chain(spec.subsets.iter().filter_map(|s| s.traffic_policy.as_ref()));
+    let policies = spec.traffic_policy.iter().chain(
+        spec.subsets
+            .iter()
+            .filter_map(|s| s.traffic_policy.as_ref()),
+    );
     for p in policies {
         if let Some(simple) = p.load_balancer.as_ref().and_then(|lb| lb.simple.as_deref())
-            && !matches!(simple, "UNSPECIFIED" | "ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM")
+            && !matches!(
+                simple,
+                "UNSPECIFIED" | "ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM"
+            )
         {
-            return Err(format!("trafficPolicy.loadBalancer.simple: {simple} is not supported"));
+            return Err(format!(
+                "trafficPolicy.loadBalancer.simple: {simple} is not supported"
+            ));
         }
-        if let Some(t) = p.connection_pool.as_ref().and_then(|c| c.tcp.as_ref()).and_then(|t| t.connect_timeout.as_ref()) {
-            parse_duration(t).map_err(|e| format!("trafficPolicy.connectionPool.tcp.connectTimeout: {e}"))?;
+        if let Some(t) = p
+            .connection_pool
+            .as_ref()
+            .and_then(|c| c.tcp.as_ref())
+            .and_then(|t| t.connect_timeout.as_ref())
+        {
+            parse_duration(t)
+                .map_err(|e| format!("trafficPolicy.connectionPool.tcp.connectTimeout: {e}"))?;
         }
     }
     Ok(())
@@ -218,10 +265,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     let mut total = 0f64;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         let (num, tail) = rest.split_at(num_len);
-        let value: f64 = num.parse().map_err(|_| format!("invalid duration {text:?}"))?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let scale = match unit {
             "h" => 3600.0,
@@ -304,10 +357,24 @@ metadata: {name: w}
         assert_eq!(resources.services[0].metadata.namespace(), "bookinfo");
         assert_eq!(resources.destination_rules.len(), 1);
         assert!(resources.virtual_services.is_empty());
-        let summary: Vec<String> = rejected.iter().map(|r| format!("{} {}", r.kind, r.name)).collect();
-        assert_eq!(summary, ["VirtualService reviews", "VirtualService both", "Widget w"]);
-        assert!(rejected[0].reason.contains("mirror"), "{}", rejected[0].reason);
-        assert!(rejected[1].reason.contains("exactly one of"), "{}", rejected[1].reason);
+        let summary: Vec<String> = rejected
+            .iter()
+            .map(|r| format!("{} {}", r.kind, r.name))
+            .collect();
+        assert_eq!(
+            summary,
+            ["VirtualService reviews", "VirtualService both", "Widget w"]
+        );
+        assert!(
+            rejected[0].reason.contains("mirror"),
+            "{}",
+            rejected[0].reason
+        );
+        assert!(
+            rejected[1].reason.contains("exactly one of"),
+            "{}",
+            rejected[1].reason
+        );
         assert_eq!(rejected[0].file, "mesh.yaml");
     }
 }

@@ -11,8 +11,14 @@ pub fn new() -> (DrainTrigger, DrainWatcher) {
     let (signal_tx, signal_rx) = watch::channel(false);
     let (release_tx, release_rx) = mpsc::channel(1);
     (
-        DrainTrigger { signal: signal_tx, released: release_rx },
-        DrainWatcher { signal: signal_rx, _release: release_tx },
+        DrainTrigger {
+            signal: signal_tx,
+            released: release_rx,
+        },
+        DrainWatcher {
+            signal: signal_rx,
+            _release: release_tx,
+        },
     )
 }
 

@@ -65,10 +65,14 @@ pub struct IstioMetrics {
 }
 
 /// Istio's default duration buckets, in milliseconds.
-const DURATION_BUCKETS: [f64; 15] =
-    [0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0];
+const DURATION_BUCKETS: [f64; 15] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0,
+];
 /// Istio's default size buckets, in bytes: powers of ten.
-const SIZE_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0];
+const SIZE_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
 
 impl IstioMetrics {
     pub fn new(registry: &mut Registry) -> Self {
@@ -85,14 +89,46 @@ impl IstioMetrics {
             tcp_connections_closed: Family::default(),
         };
         // prometheus-client appends `_total` to counters, giving Istio's exact names.
-        registry.register("istio_requests", "Requests handled, by source, destination and response", m.requests.clone());
-        registry.register("istio_request_duration_milliseconds", "Request duration", m.request_duration_ms.clone());
-        registry.register("istio_request_bytes", "Request body sizes", m.request_bytes.clone());
-        registry.register("istio_response_bytes", "Response body sizes", m.response_bytes.clone());
-        registry.register("istio_tcp_sent_bytes", "Bytes sent to the downstream on TCP connections", m.tcp_sent_bytes.clone());
-        registry.register("istio_tcp_received_bytes", "Bytes received from the downstream on TCP connections", m.tcp_received_bytes.clone());
-        registry.register("istio_tcp_connections_opened", "TCP connections opened", m.tcp_connections_opened.clone());
-        registry.register("istio_tcp_connections_closed", "TCP connections closed", m.tcp_connections_closed.clone());
+        registry.register(
+            "istio_requests",
+            "Requests handled, by source, destination and response",
+            m.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            m.request_duration_ms.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the downstream on TCP connections",
+            m.tcp_sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the downstream on TCP connections",
+            m.tcp_received_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_connections_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_connections_closed.clone(),
+        );
         m
     }
 }
@@ -105,12 +141,25 @@ mod tests {
     fn names_match_istio() {
         let mut registry = Registry::default();
         let m = IstioMetrics::new(&mut registry);
-        m.requests.get_or_create(&RequestLabels { response_code: "200".into(), ..Default::default() }).inc();
-        m.tcp_sent_bytes.get_or_create(&TcpLabels::default()).inc_by(3);
-        m.request_duration_ms.get_or_create(&RequestLabels::default()).observe(2.0);
+        m.requests
+            .get_or_create(&RequestLabels {
+                response_code: "200".into(),
+                ..Default::default()
+            })
+            .inc();
+        m.tcp_sent_bytes
+            .get_or_create(&TcpLabels::default())
+            .inc_by(3);
+        m.request_duration_ms
+            .get_or_create(&RequestLabels::default())
+            .observe(2.0);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
-        for name in ["istio_requests_total{", "istio_tcp_sent_bytes_total{", "istio_request_duration_milliseconds_bucket{"] {
+        for name in [
+            "istio_requests_total{",
+            "istio_tcp_sent_bytes_total{",
+            "istio_request_duration_milliseconds_bucket{",
+        ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
     }

@@ -20,7 +20,8 @@ use crate::{
         envoy::{
             config::core::v3::Node,
             service::discovery::v3::{
-                DiscoveryRequest, DiscoveryResponse, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+                DiscoveryRequest, DiscoveryResponse,
+                aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
             },
         },
         google::{protobuf::Any, rpc},
@@ -52,14 +53,22 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     pub fn new(address: impl Into<String>, node: NodeInfo) -> Self {
-        Self { address: address.into(), node, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(15) }
+        Self {
+            address: address.into(),
+            node,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(15),
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
     #[error("cannot connect to the control plane at {address}: {source}")]
-    Connect { address: String, source: tonic::transport::Error },
+    Connect {
+        address: String,
+        source: tonic::transport::Error,
+    },
     #[error("the control plane refused the stream: {0}")]
     Refused(tonic::Status),
     #[error("the stream to the control plane broke: {0}")]
@@ -83,7 +92,9 @@ pub async fn run<H: Handler>(config: ClientConfig, mut handler: H, drain: DrainW
         }
         let jittered = rand::rng().random_range(backoff / 2..=backoff);
         match result {
-            Err(e) => warn!(error = %e, retry_in = ?jittered, "xds stream ended; keeping the last accepted config"),
+            Err(e) => {
+                warn!(error = %e, retry_in = ?jittered, "xds stream ended; keeping the last accepted config")
+            }
             Ok(()) => return,
         }
         tokio::select! {
@@ -150,7 +161,11 @@ impl<'a> Session<'a> {
             resource_names: state.names.into_iter().collect(),
             type_url: type_url.to_string(),
             response_nonce: state.last_nonce,
-            error_detail: error.map(|message| rpc::Status { code: tonic::Code::InvalidArgument as i32, message, details: vec![] }),
+            error_detail: error.map(|message| rpc::Status {
+                code: tonic::Code::InvalidArgument as i32,
+                message,
+                details: vec![],
+            }),
             ..Default::default()
         }
     }
@@ -165,12 +180,18 @@ impl<'a> Session<'a> {
         self.endpoints.names = handler.wanted_names(type_url::ENDPOINT);
         self.routes.names = handler.wanted_names(type_url::ROUTE);
         for t in type_url::PUSH_ORDER {
-            if matches!(t, type_url::CLUSTER | type_url::LISTENER) || !self.state(t).is_some_and(|s| s.names.is_empty()) {
+            if matches!(t, type_url::CLUSTER | type_url::LISTENER)
+                || !self.state(t).is_some_and(|s| s.names.is_empty())
+            {
                 let _ = tx.send(self.request(t, None));
             }
         }
         let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        let mut responses = client.stream_aggregated_resources(requests).await.map_err(StreamError::Refused)?.into_inner();
+        let mut responses = client
+            .stream_aggregated_resources(requests)
+            .await
+            .map_err(StreamError::Refused)?
+            .into_inner();
         info!(address = %self.config.address, "connected to the control plane");
         handler.connected(true);
         loop {
@@ -180,7 +201,9 @@ impl<'a> Session<'a> {
                 Err(status) => return Err(StreamError::Broken(status)),
             };
             self.received_any = true;
-            if self.warming && matches!(resp.type_url.as_str(), type_url::LISTENER | type_url::ROUTE) {
+            if self.warming
+                && matches!(resp.type_url.as_str(), type_url::LISTENER | type_url::ROUTE)
+            {
                 debug!(type_url = %resp.type_url, "holding an update while clusters warm");
                 self.deferred.push(resp);
                 continue;
@@ -200,7 +223,11 @@ impl<'a> Session<'a> {
 
     /// Applies one response and returns the requests it calls for: its ACK or NACK, then any change of
     /// subscription to the routes or endpoints the new config names.
-    fn handle<H: Handler>(&mut self, resp: DiscoveryResponse, handler: &mut H) -> Vec<DiscoveryRequest> {
+    fn handle<H: Handler>(
+        &mut self,
+        resp: DiscoveryResponse,
+        handler: &mut H,
+    ) -> Vec<DiscoveryRequest> {
         let t = resp.type_url.clone();
         let Some(state) = self.state(&t) else {
             warn!(type_url = %t, "ignoring a response of a type this proxy did not ask for");

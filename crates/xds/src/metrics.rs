@@ -39,19 +39,39 @@ impl XdsMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         let r = registry.sub_registry_with_prefix("weft_xds");
-        r.register("pushes", "xDS responses sent to proxies", metrics.pushes.clone());
-        r.register("acks", "xDS responses proxies accepted", metrics.acks.clone());
-        r.register("nacks", "xDS responses proxies rejected (see the weftd log for each error_detail)", metrics.nacks.clone());
-        r.register("connected_proxies", "proxies with an open ADS stream", metrics.connected.clone());
+        r.register(
+            "pushes",
+            "xDS responses sent to proxies",
+            metrics.pushes.clone(),
+        );
+        r.register(
+            "acks",
+            "xDS responses proxies accepted",
+            metrics.acks.clone(),
+        );
+        r.register(
+            "nacks",
+            "xDS responses proxies rejected (see the weftd log for each error_detail)",
+            metrics.nacks.clone(),
+        );
+        r.register(
+            "connected_proxies",
+            "proxies with an open ADS stream",
+            metrics.connected.clone(),
+        );
         metrics
     }
 
     pub(crate) fn labels(type_url: &str) -> TypeLabels {
-        TypeLabels { type_url: crate::type_url::short(type_url).to_string() }
+        TypeLabels {
+            type_url: crate::type_url::short(type_url).to_string(),
+        }
     }
 
     pub(crate) fn record_nack(&self, nack: Nack) {
-        self.nacks.get_or_create(&Self::labels(&nack.type_url)).inc();
+        self.nacks
+            .get_or_create(&Self::labels(&nack.type_url))
+            .inc();
         if let Ok(mut recent) = self.recent_nacks.lock() {
             if recent.len() == RECENT_NACKS {
                 recent.pop_front();
@@ -62,11 +82,18 @@ impl XdsMetrics {
 
     /// The most recent NACKs, oldest first, so an operator can see which proxy rejected what and why.
     pub fn recent_nacks(&self) -> Vec<Nack> {
-        self.recent_nacks.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default()
+        self.recent_nacks
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// NACKs seen so far for one resource type (`Cluster`, `Listener`, ...); tests wait on it.
     pub fn nacks_for(&self, short_type: &str) -> u64 {
-        self.nacks.get_or_create(&TypeLabels { type_url: short_type.to_string() }).get()
+        self.nacks
+            .get_or_create(&TypeLabels {
+                type_url: short_type.to_string(),
+            })
+            .get()
     }
 }

@@ -26,7 +26,11 @@ impl From<&Node> for NodeInfo {
         Self {
             id: node.id.clone(),
             cluster: node.cluster.clone(),
-            metadata: node.metadata.as_ref().map(structs::struct_to_json).unwrap_or_default(),
+            metadata: node
+                .metadata
+                .as_ref()
+                .map(structs::struct_to_json)
+                .unwrap_or_default(),
         }
     }
 }
@@ -55,7 +59,9 @@ pub struct ProxyId {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid proxy node id {id:?}: {reason} (want <type>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>)")]
+#[error(
+    "invalid proxy node id {id:?}: {reason} (want <type>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>)"
+)]
 pub struct ProxyIdError {
     id: String,
     reason: &'static str,
@@ -65,7 +71,10 @@ impl std::str::FromStr for ProxyId {
     type Err = ProxyIdError;
 
     fn from_str(id: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ProxyIdError { id: id.to_string(), reason };
+        let err = |reason| ProxyIdError {
+            id: id.to_string(),
+            reason,
+        };
         let parts: Vec<&str> = id.split('~').collect();
         let [proxy_type, ip, pod_dot_ns, domain] = parts[..] else {
             return Err(err("expected four parts separated by '~'"));
@@ -73,8 +82,12 @@ impl std::str::FromStr for ProxyId {
         if !matches!(proxy_type, "sidecar" | "router") {
             return Err(err("type must be sidecar or router"));
         }
-        let ip = ip.parse().map_err(|_| err("the second part is not an IP address"))?;
-        let (pod_name, namespace) = pod_dot_ns.rsplit_once('.').ok_or_else(|| err("the third part is not <pod>.<namespace>"))?;
+        let ip = ip
+            .parse()
+            .map_err(|_| err("the second part is not an IP address"))?;
+        let (pod_name, namespace) = pod_dot_ns
+            .rsplit_once('.')
+            .ok_or_else(|| err("the third part is not <pod>.<namespace>"))?;
         Ok(ProxyId {
             proxy_type: proxy_type.into(),
             ip,
@@ -87,7 +100,13 @@ impl std::str::FromStr for ProxyId {
 
 impl fmt::Display for ProxyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Self { proxy_type, ip, pod_name, namespace, dns_domain } = self;
+        let Self {
+            proxy_type,
+            ip,
+            pod_name,
+            namespace,
+            dns_domain,
+        } = self;
         write!(f, "{proxy_type}~{ip}~{pod_name}.{namespace}~{dns_domain}")
     }
 }
@@ -103,7 +122,12 @@ mod tests {
         assert_eq!(parsed.pod_name, "reviews-v1-abc");
         assert_eq!(parsed.namespace, "bookinfo");
         assert_eq!(parsed.to_string(), id);
-        for bad in ["sidecar~1.2.3.4~pod", "gateway~1.2.3.4~p.ns~d", "sidecar~nope~p.ns~d", "sidecar~1.2.3.4~pod~d"] {
+        for bad in [
+            "sidecar~1.2.3.4~pod",
+            "gateway~1.2.3.4~p.ns~d",
+            "sidecar~nope~p.ns~d",
+            "sidecar~1.2.3.4~pod~d",
+        ] {
             assert!(bad.parse::<ProxyId>().is_err(), "{bad}");
         }
     }

@@ -23,8 +23,11 @@ use crate::{
     NodeInfo, Snapshot, XdsMetrics,
     metrics::Nack,
     pb::envoy::service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
-        aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        Resource,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
     },
     snapshot::content_version,
     type_url,
@@ -53,8 +56,16 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl AdsServer {
     /// Streams end when `drain` is signaled, so a draining weftd is not held open by its proxies.
-    pub fn new(config: watch::Receiver<Arc<dyn SnapshotGenerator>>, metrics: XdsMetrics, drain: DrainWatcher) -> Self {
-        Self { config, metrics, drain }
+    pub fn new(
+        config: watch::Receiver<Arc<dyn SnapshotGenerator>>,
+        metrics: XdsMetrics,
+        drain: DrainWatcher,
+    ) -> Self {
+        Self {
+            config,
+            metrics,
+            drain,
+        }
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
@@ -103,7 +114,10 @@ impl AggregatedDiscoveryService for AdsServer {
             drain: self.drain.clone(),
             proto: SotwState::new(self.metrics.clone()),
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(state, SotwStream::next))))
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            SotwStream::next,
+        ))))
     }
 
     async fn delta_aggregated_resources(
@@ -116,7 +130,10 @@ impl AggregatedDiscoveryService for AdsServer {
             drain: self.drain.clone(),
             proto: DeltaState::new(self.metrics.clone()),
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(state, DeltaStream::next))))
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            DeltaStream::next,
+        ))))
     }
 }
 
@@ -233,9 +250,16 @@ impl SotwState {
         self.node.as_ref().map_or("", |n| n.id.as_str())
     }
 
-    fn on_request(&mut self, req: DiscoveryRequest, generator: &dyn SnapshotGenerator) -> Result<(), Status> {
+    fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        generator: &dyn SnapshotGenerator,
+    ) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+            let node = req
+                .node
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
             let node = NodeInfo::from(node);
             info!(node = %node.id, "proxy connected (state of the world)");
             self.snapshot = generator.generate(&node);
@@ -251,16 +275,27 @@ impl SotwState {
         if let Some(error) = &req.error_detail {
             warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
                 kept_version = %req.version_info, error_detail = %error.message, "proxy rejected config (NACK)");
-            self.metrics.record_nack(Nack { node: node_id, type_url: req.type_url.clone(), error_detail: error.message.clone() });
+            self.metrics.record_nack(Nack {
+                node: node_id,
+                type_url: req.type_url.clone(),
+                error_detail: error.message.clone(),
+            });
             return Ok(());
         }
         if !req.response_nonce.is_empty() {
             self.metrics.acks.get_or_create(&labels).inc();
         }
-        let names: BTreeSet<String> = req.resource_names.iter().filter(|n| *n != "*").cloned().collect();
+        let names: BTreeSet<String> = req
+            .resource_names
+            .iter()
+            .filter(|n| *n != "*")
+            .cloned()
+            .collect();
         let wildcard = req.resource_names.iter().any(|n| n == "*")
             || (req.resource_names.is_empty() && type_url::is_wildcard_by_default(&req.type_url));
-        let changed = state.sent_version.is_none() || names != state.subscription.names || wildcard != state.subscription.wildcard;
+        let changed = state.sent_version.is_none()
+            || names != state.subscription.names
+            || wildcard != state.subscription.wildcard;
         state.subscription = Subscription { wildcard, names };
         if changed {
             self.push(&req.type_url, true);
@@ -276,8 +311,14 @@ impl SotwState {
         }
         self.snapshot = snapshot;
         let subscribed: Vec<String> = self.types.keys().cloned().collect();
-        let ordered = type_url::PUSH_ORDER.iter().map(|t| t.to_string()).filter(|t| subscribed.contains(t));
-        let others = subscribed.iter().filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str())).cloned();
+        let ordered = type_url::PUSH_ORDER
+            .iter()
+            .map(|t| t.to_string())
+            .filter(|t| subscribed.contains(t));
+        let others = subscribed
+            .iter()
+            .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
+            .cloned();
         for t in ordered.chain(others).collect::<Vec<_>>() {
             self.push(&t, false);
         }
@@ -285,8 +326,14 @@ impl SotwState {
 
     /// Queues the full set of `type_url` the proxy subscribes to, unless it already has exactly that.
     fn push(&mut self, type_url: &str, even_if_unchanged: bool) {
-        let Some(state) = self.types.get_mut(type_url) else { return };
-        let wanted: Vec<_> = self.snapshot.resources(type_url).filter(|(name, _)| state.subscription.wants(name)).collect();
+        let Some(state) = self.types.get_mut(type_url) else {
+            return;
+        };
+        let wanted: Vec<_> = self
+            .snapshot
+            .resources(type_url)
+            .filter(|(name, _)| state.subscription.wants(name))
+            .collect();
         let version = set_version(wanted.iter().map(|(n, v)| (*n, v.version.as_str())));
         if !even_if_unchanged && state.sent_version.as_deref() == Some(version.as_str()) {
             return;
@@ -294,7 +341,10 @@ impl SotwState {
         self.nonce += 1;
         state.last_nonce = self.nonce.to_string();
         state.sent_version = Some(version.clone());
-        self.metrics.pushes.get_or_create(&XdsMetrics::labels(type_url)).inc();
+        self.metrics
+            .pushes
+            .get_or_create(&XdsMetrics::labels(type_url))
+            .inc();
         debug!(node = %self.node.as_ref().map_or("", |n| n.id.as_str()), type_url, %version, count = wanted.len(), "push");
         self.pending.push_back(DiscoveryResponse {
             version_info: version,
@@ -373,9 +423,16 @@ impl DeltaState {
         }
     }
 
-    fn on_request(&mut self, req: DeltaDiscoveryRequest, generator: &dyn SnapshotGenerator) -> Result<(), Status> {
+    fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        generator: &dyn SnapshotGenerator,
+    ) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+            let node = req
+                .node
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
             let node = NodeInfo::from(node);
             info!(node = %node.id, "proxy connected (delta)");
             self.snapshot = generator.generate(&node);
@@ -386,14 +443,19 @@ impl DeltaState {
         if let Some(error) = &req.error_detail {
             warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
                 error_detail = %error.message, "proxy rejected config (NACK)");
-            self.metrics.record_nack(Nack { node: node_id.clone(), type_url: req.type_url.clone(), error_detail: error.message.clone() });
+            self.metrics.record_nack(Nack {
+                node: node_id.clone(),
+                type_url: req.type_url.clone(),
+                error_detail: error.message.clone(),
+            });
         } else if !req.response_nonce.is_empty() {
             self.metrics.acks.get_or_create(&labels).inc();
         }
         let first = !self.types.contains_key(&req.type_url);
         let state = self.types.entry(req.type_url.clone()).or_default();
         if first {
-            state.subscription.wildcard = req.resource_names_subscribe.is_empty() && type_url::is_wildcard_by_default(&req.type_url);
+            state.subscription.wildcard = req.resource_names_subscribe.is_empty()
+                && type_url::is_wildcard_by_default(&req.type_url);
             state.known = req.initial_resource_versions.clone();
         }
         for name in &req.resource_names_subscribe {
@@ -423,8 +485,14 @@ impl DeltaState {
         }
         self.snapshot = snapshot;
         let subscribed: Vec<String> = self.types.keys().cloned().collect();
-        let ordered = type_url::PUSH_ORDER.iter().map(|t| t.to_string()).filter(|t| subscribed.contains(t));
-        let others = subscribed.iter().filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str())).cloned();
+        let ordered = type_url::PUSH_ORDER
+            .iter()
+            .map(|t| t.to_string())
+            .filter(|t| subscribed.contains(t));
+        let others = subscribed
+            .iter()
+            .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
+            .cloned();
         for t in ordered.chain(others).collect::<Vec<_>>() {
             self.push(&t);
         }
@@ -433,7 +501,9 @@ impl DeltaState {
     /// Queues the resources whose version differs from what the proxy holds, and the names it holds that
     /// are gone. Nothing is queued when the proxy is up to date.
     fn push(&mut self, type_url: &str) {
-        let Some(state) = self.types.get_mut(type_url) else { return };
+        let Some(state) = self.types.get_mut(type_url) else {
+            return;
+        };
         let mut resources = Vec::new();
         let mut present = BTreeSet::new();
         for (name, v) in self.snapshot.resources(type_url) {
@@ -451,7 +521,12 @@ impl DeltaState {
                 });
             }
         }
-        let removed: Vec<String> = state.known.keys().filter(|n| !present.contains(*n)).cloned().collect();
+        let removed: Vec<String> = state
+            .known
+            .keys()
+            .filter(|n| !present.contains(*n))
+            .cloned()
+            .collect();
         for name in &removed {
             state.known.remove(name);
         }
@@ -459,7 +534,10 @@ impl DeltaState {
             return;
         }
         self.nonce += 1;
-        self.metrics.pushes.get_or_create(&XdsMetrics::labels(type_url)).inc();
+        self.metrics
+            .pushes
+            .get_or_create(&XdsMetrics::labels(type_url))
+            .inc();
         self.pending.push_back(DeltaDiscoveryResponse {
             resources,
             removed_resources: removed,

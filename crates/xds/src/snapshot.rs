@@ -9,7 +9,10 @@ use crate::pb::google::protobuf::Any;
 
 /// Packs a message into `Any` with its type URL.
 pub fn pack<T: Message + Name>(msg: &T) -> Any {
-    Any { type_url: T::type_url(), value: msg.encode_to_vec() }
+    Any {
+        type_url: T::type_url(),
+        value: msg.encode_to_vec(),
+    }
 }
 
 /// The full set of resources one proxy should have, by type URL and name, each with a content version.
@@ -28,11 +31,17 @@ impl Snapshot {
     pub fn insert<T: Message + Name>(&mut self, name: impl Into<String>, msg: &T) {
         let resource = pack(msg);
         let version = content_version(&resource.value);
-        self.types.entry(T::type_url()).or_default().insert(name.into(), Versioned { version, resource });
+        self.types
+            .entry(T::type_url())
+            .or_default()
+            .insert(name.into(), Versioned { version, resource });
     }
 
     pub fn names(&self, type_url: &str) -> BTreeSet<&str> {
-        self.types.get(type_url).map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default()
+        self.types
+            .get(type_url)
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default()
     }
 
     pub(crate) fn resources(&self, type_url: &str) -> impl Iterator<Item = (&String, &Versioned)> {

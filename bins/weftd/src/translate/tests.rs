@@ -4,7 +4,12 @@ use weft_xds::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 fn model() -> Model {
     let mut r = weft_api::Resources::default();
     let mut rejected = Vec::new();
-    weft_api::parse_manifests("demo.yaml", include_str!("../../tests/fixtures/demo-like.yaml"), &mut r, &mut rejected);
+    weft_api::parse_manifests(
+        "demo.yaml",
+        include_str!("../../tests/fixtures/demo-like.yaml"),
+        &mut r,
+        &mut rejected,
+    );
     assert!(rejected.is_empty(), "{rejected:?}");
     Model::build(&r, MeshOptions::default())
 }
@@ -23,14 +28,26 @@ const HOST: &str = "backend.demo.svc.cluster.local";
 #[test]
 fn clusters_and_endpoints_follow_istio_names_and_subsets() {
     let snap = generate(&model(), &proxy("frontend", "127.0.0.10"));
-    let clusters: Vec<&str> = snap.names(weft_xds::type_url::CLUSTER).into_iter().collect();
+    let clusters: Vec<&str> = snap
+        .names(weft_xds::type_url::CLUSTER)
+        .into_iter()
+        .collect();
     assert_eq!(
         clusters,
-        ["inbound|8000||", "outbound|9080|v1|backend.demo.svc.cluster.local", "outbound|9080|v2|backend.demo.svc.cluster.local", "outbound|9080||backend.demo.svc.cluster.local"]
+        [
+            "inbound|8000||",
+            "outbound|9080|v1|backend.demo.svc.cluster.local",
+            "outbound|9080|v2|backend.demo.svc.cluster.local",
+            "outbound|9080||backend.demo.svc.cluster.local"
+        ]
     );
-    let c: Cluster = snap.get(&outbound_cluster_name(9080, "v1", HOST)).expect("cluster");
+    let c: Cluster = snap
+        .get(&outbound_cluster_name(9080, "v1", HOST))
+        .expect("cluster");
     assert_eq!(c.lb_policy, cluster::LbPolicy::RoundRobin as i32);
-    let cla: ClusterLoadAssignment = snap.get(&outbound_cluster_name(9080, "v2", HOST)).expect("endpoints");
+    let cla: ClusterLoadAssignment = snap
+        .get(&outbound_cluster_name(9080, "v2", HOST))
+        .expect("endpoints");
     let addrs: Vec<String> = cla.endpoints[0]
         .lb_endpoints
         .iter()
@@ -52,27 +69,66 @@ fn virtual_service_becomes_ordered_routes_with_istio_defaults() {
     let vh = &rc.virtual_hosts[0];
     assert_eq!(vh.name, "backend.demo.svc.cluster.local:9080");
     for d in ["backend", "backend:9080", "backend.demo", HOST] {
-        assert!(vh.domains.iter().any(|x| x == d), "{d} missing in {:?}", vh.domains);
+        assert!(
+            vh.domains.iter().any(|x| x == d),
+            "{d} missing in {:?}",
+            vh.domains
+        );
     }
     assert_eq!(vh.routes.len(), 2);
     let header = &vh.routes[0].r#match.as_ref().expect("match").headers[0];
     assert_eq!(header.name, "end-user");
-    let Some(route::Action::Route(split)) = &vh.routes[1].action else { panic!("route action") };
-    let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &split.cluster_specifier else { panic!("weighted") };
-    let weights: Vec<(String, u32)> = wc.clusters.iter().map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value))).collect();
-    assert_eq!(weights, [(outbound_cluster_name(9080, "v1", HOST), 90), (outbound_cluster_name(9080, "v2", HOST), 10)]);
-    assert_eq!(split.timeout, Some(wkt::Duration { seconds: 2, nanos: 0 }));
+    let Some(route::Action::Route(split)) = &vh.routes[1].action else {
+        panic!("route action")
+    };
+    let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &split.cluster_specifier
+    else {
+        panic!("weighted")
+    };
+    let weights: Vec<(String, u32)> = wc
+        .clusters
+        .iter()
+        .map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            (outbound_cluster_name(9080, "v1", HOST), 90),
+            (outbound_cluster_name(9080, "v2", HOST), 10)
+        ]
+    );
+    assert_eq!(
+        split.timeout,
+        Some(wkt::Duration {
+            seconds: 2,
+            nanos: 0
+        })
+    );
     let retry = split.retry_policy.as_ref().expect("retry");
-    assert_eq!((retry.retry_on.as_str(), retry.num_retries.as_ref().map(|n| n.value)), ("5xx", Some(3)));
+    assert_eq!(
+        (
+            retry.retry_on.as_str(),
+            retry.num_retries.as_ref().map(|n| n.value)
+        ),
+        ("5xx", Some(3))
+    );
     // The route without a VirtualService rule gets Istio's default retry policy.
-    let Some(route::Action::Route(first)) = &vh.routes[0].action else { panic!("route action") };
-    assert_eq!(first.retry_policy.as_ref().map(|r| r.retry_on.as_str()), Some(DEFAULT_RETRY_ON));
+    let Some(route::Action::Route(first)) = &vh.routes[0].action else {
+        panic!("route action")
+    };
+    assert_eq!(
+        first.retry_policy.as_ref().map(|r| r.retry_on.as_str()),
+        Some(DEFAULT_RETRY_ON)
+    );
 }
 
 #[test]
 fn sidecar_gives_explicit_listeners_on_the_workload_address() {
     let snap = generate(&model(), &proxy("frontend", "127.0.0.10"));
-    let listeners: Vec<&str> = snap.names(weft_xds::type_url::LISTENER).into_iter().collect();
+    let listeners: Vec<&str> = snap
+        .names(weft_xds::type_url::LISTENER)
+        .into_iter()
+        .collect();
     assert_eq!(listeners, ["127.0.0.10_8000", "127.0.0.10_9080"]);
     // A workload without a Sidecar gets clusters but no listeners to bind.
     let other = generate(&model(), &proxy("backend", "127.0.0.21"));
@@ -102,5 +158,11 @@ fn proxy_identity_comes_from_the_istio_node() {
             .unwrap_or_default(),
     };
     let p = Proxy::from_node(&node).expect("valid node");
-    assert_eq!(p, Proxy { proxyless_grpc: true, ..proxy("frontend", "127.0.0.10") });
+    assert_eq!(
+        p,
+        Proxy {
+            proxyless_grpc: true,
+            ..proxy("frontend", "127.0.0.10")
+        }
+    );
 }

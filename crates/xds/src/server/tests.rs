@@ -17,17 +17,29 @@ fn snapshot(clusters: &[(&str, u64)]) -> Fixed {
     for (name, timeout) in clusters {
         let c = Cluster {
             name: name.to_string(),
-            connect_timeout: Some(crate::pb::google::protobuf::Duration { seconds: *timeout as i64, nanos: 0 }),
+            connect_timeout: Some(crate::pb::google::protobuf::Duration {
+                seconds: *timeout as i64,
+                nanos: 0,
+            }),
             ..Default::default()
         };
         s.insert(*name, &c);
-        s.insert(*name, &ClusterLoadAssignment { cluster_name: name.to_string(), ..Default::default() });
+        s.insert(
+            *name,
+            &ClusterLoadAssignment {
+                cluster_name: name.to_string(),
+                ..Default::default()
+            },
+        );
     }
     Fixed(s)
 }
 
 fn node() -> Option<Node> {
-    Some(Node { id: "sidecar~127.0.0.2~a.demo~demo.svc.cluster.local".into(), ..Default::default() })
+    Some(Node {
+        id: "sidecar~127.0.0.2~a.demo~demo.svc.cluster.local".into(),
+        ..Default::default()
+    })
 }
 
 fn req(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
@@ -42,7 +54,7 @@ fn req(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryR
 }
 
 fn names(resp: &DiscoveryResponse) -> Vec<String> {
-    resp.resources.iter().map(|any| Cluster::decode_name(any)).collect()
+    resp.resources.iter().map(Cluster::decode_name).collect()
 }
 
 trait DecodeName {
@@ -55,7 +67,9 @@ impl DecodeName for Cluster {
         if any.type_url == type_url::CLUSTER {
             Cluster::decode(any.value.as_slice()).expect("cluster").name
         } else {
-            ClusterLoadAssignment::decode(any.value.as_slice()).expect("cla").cluster_name
+            ClusterLoadAssignment::decode(any.value.as_slice())
+                .expect("cla")
+                .cluster_name
         }
     }
 }
@@ -65,15 +79,26 @@ fn sotw_sends_once_acks_quietly_and_pushes_only_changes() {
     let metrics = XdsMetrics::default();
     let mut s = SotwState::new(metrics.clone());
     let g1 = snapshot(&[("a", 1), ("b", 1)]);
-    s.on_request(req(type_url::CLUSTER, &[], "", ""), &g1).expect("ok");
+    s.on_request(req(type_url::CLUSTER, &[], "", ""), &g1)
+        .expect("ok");
     let first = s.pending.pop_front().expect("initial response");
     assert_eq!(names(&first), ["a", "b"]);
     assert!(s.pending.is_empty());
 
     // ACK: nothing more to send.
-    s.on_request(req(type_url::CLUSTER, &[], &first.version_info, &first.nonce), &g1).expect("ok");
+    s.on_request(
+        req(type_url::CLUSTER, &[], &first.version_info, &first.nonce),
+        &g1,
+    )
+    .expect("ok");
     assert!(s.pending.is_empty());
-    assert_eq!(metrics.acks.get_or_create(&XdsMetrics::labels(type_url::CLUSTER)).get(), 1);
+    assert_eq!(
+        metrics
+            .acks
+            .get_or_create(&XdsMetrics::labels(type_url::CLUSTER))
+            .get(),
+        1
+    );
 
     // The same content again: no push.
     s.on_config(&snapshot(&[("a", 1), ("b", 1)]));
@@ -87,13 +112,18 @@ fn sotw_sends_once_acks_quietly_and_pushes_only_changes() {
 
     // A NACK is counted and not answered.
     let mut nack = req(type_url::CLUSTER, &[], &first.version_info, &second.nonce);
-    nack.error_detail = Some(rpc::Status { code: 3, message: "cluster a: bad".into(), details: vec![] });
+    nack.error_detail = Some(rpc::Status {
+        code: 3,
+        message: "cluster a: bad".into(),
+        details: vec![],
+    });
     s.on_request(nack, &g1).expect("ok");
     assert!(s.pending.is_empty());
     assert_eq!(metrics.nacks_for("Cluster"), 1);
 
     // A request carrying a superseded nonce is ignored.
-    s.on_request(req(type_url::CLUSTER, &["a"], "", &first.nonce), &g1).expect("ok");
+    s.on_request(req(type_url::CLUSTER, &["a"], "", &first.nonce), &g1)
+        .expect("ok");
     assert!(s.pending.is_empty());
 }
 
@@ -101,12 +131,25 @@ fn sotw_sends_once_acks_quietly_and_pushes_only_changes() {
 fn sotw_named_subscriptions_get_only_their_names() {
     let mut s = SotwState::new(XdsMetrics::default());
     let g = snapshot(&[("a", 1), ("b", 1), ("c", 1)]);
-    s.on_request(req(type_url::ENDPOINT, &["c", "a", "missing"], "", ""), &g).expect("ok");
+    s.on_request(req(type_url::ENDPOINT, &["c", "a", "missing"], "", ""), &g)
+        .expect("ok");
     let resp = s.pending.pop_front().expect("response");
     assert_eq!(names(&resp), ["a", "c"]);
     // Growing the subscription answers at once with the new set.
-    s.on_request(req(type_url::ENDPOINT, &["a", "b", "c"], &resp.version_info, &resp.nonce), &g).expect("ok");
-    assert_eq!(names(&s.pending.pop_front().expect("response")), ["a", "b", "c"]);
+    s.on_request(
+        req(
+            type_url::ENDPOINT,
+            &["a", "b", "c"],
+            &resp.version_info,
+            &resp.nonce,
+        ),
+        &g,
+    )
+    .expect("ok");
+    assert_eq!(
+        names(&s.pending.pop_front().expect("response")),
+        ["a", "b", "c"]
+    );
 }
 
 #[test]
@@ -114,15 +157,25 @@ fn sotw_first_request_needs_a_node() {
     let mut s = SotwState::new(XdsMetrics::default());
     let mut r = req(type_url::CLUSTER, &[], "", "");
     r.node = None;
-    assert_eq!(s.on_request(r, &snapshot(&[])).expect_err("refused").code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        s.on_request(r, &snapshot(&[])).expect_err("refused").code(),
+        tonic::Code::InvalidArgument
+    );
 }
 
-fn delta_req(type_url: &str, subscribe: &[&str], initial: &[(&str, &str)]) -> DeltaDiscoveryRequest {
+fn delta_req(
+    type_url: &str,
+    subscribe: &[&str],
+    initial: &[(&str, &str)],
+) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         node: node(),
         type_url: type_url.into(),
         resource_names_subscribe: subscribe.iter().map(|n| n.to_string()).collect(),
-        initial_resource_versions: initial.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+        initial_resource_versions: initial
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     }
 }
@@ -130,7 +183,11 @@ fn delta_req(type_url: &str, subscribe: &[&str], initial: &[(&str, &str)]) -> De
 #[test]
 fn delta_sends_only_changed_and_removed_resources() {
     let mut s = DeltaState::new(XdsMetrics::default());
-    s.on_request(delta_req(type_url::CLUSTER, &[], &[]), &snapshot(&[("a", 1), ("b", 1)])).expect("ok");
+    s.on_request(
+        delta_req(type_url::CLUSTER, &[], &[]),
+        &snapshot(&[("a", 1), ("b", 1)]),
+    )
+    .expect("ok");
     let first = s.pending.pop_front().expect("initial");
     let sent: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(sent, ["a", "b"]);
@@ -151,10 +208,15 @@ fn delta_sends_only_changed_and_removed_resources() {
 fn delta_reconnect_with_known_versions_gets_nothing_new() {
     let g = snapshot(&[("a", 1)]);
     let mut s = DeltaState::new(XdsMetrics::default());
-    s.on_request(delta_req(type_url::CLUSTER, &[], &[]), &g).expect("ok");
-    let version = s.pending.pop_front().expect("initial").resources[0].version.clone();
+    s.on_request(delta_req(type_url::CLUSTER, &[], &[]), &g)
+        .expect("ok");
+    let version = s.pending.pop_front().expect("initial").resources[0]
+        .version
+        .clone();
 
     let mut again = DeltaState::new(XdsMetrics::default());
-    again.on_request(delta_req(type_url::CLUSTER, &[], &[("a", &version)]), &g).expect("ok");
+    again
+        .on_request(delta_req(type_url::CLUSTER, &[], &[("a", &version)]), &g)
+        .expect("ok");
     assert!(again.pending.is_empty());
 }
