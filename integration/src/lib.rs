@@ -66,6 +66,8 @@ pub struct Mesh {
     trigger: Option<DrainTrigger>,
     watcher: DrainWatcher,
     tasks: JoinSet<()>,
+    /// weftd drains on its own trigger too, so a test can take the control plane away and bring it back.
+    weftd: Option<(DrainTrigger, tokio::task::JoinHandle<()>)>,
 }
 
 /// A running proxy's endpoints and its applied config.
@@ -90,37 +92,53 @@ impl Mesh {
         for (name, text) in manifests {
             std::fs::write(dir.join(name), text).expect("write manifest");
         }
+        let (trigger, watcher) = weft_drain::new();
+        let mut mesh = Self {
+            dir,
+            xds: "127.0.0.1:0".parse().expect("addr"),
+            monitoring: "127.0.0.1:0".parse().expect("addr"),
+            xds_metrics: Default::default(),
+            trigger: Some(trigger),
+            watcher,
+            tasks: JoinSet::new(),
+            weftd: None,
+        };
+        mesh.start_weftd().await;
+        mesh
+    }
+
+    /// Starts weftd, on the same addresses as before when it ran already, so proxies find it again.
+    pub async fn start_weftd(&mut self) {
         let app = weftd::app::build(weftd::app::Config {
-            config_dir: dir.clone(),
-            xds_address: "127.0.0.1:0".parse().expect("addr"),
-            monitoring_address: "127.0.0.1:0".parse().expect("addr"),
+            config_dir: self.dir.clone(),
+            xds_address: self.xds,
+            monitoring_address: self.monitoring,
             mesh: weftd::translate::MeshOptions {
-                access_log_file: dir.join("access.log").display().to_string(),
+                access_log_file: self.dir.join("access.log").display().to_string(),
             },
             poll_interval: Duration::from_millis(50),
         })
         .await
         .expect("weftd builds");
-        let (trigger, watcher) = weft_drain::new();
-        let mut tasks = JoinSet::new();
-        let (xds, monitoring, xds_metrics) = (
+        (self.xds, self.monitoring, self.xds_metrics) = (
             app.xds_address(),
             app.monitoring_address(),
             app.xds_metrics(),
         );
-        let w = watcher.clone();
-        tasks.spawn(async move {
-            app.run(w).await.expect("weftd runs");
+        let (trigger, watcher) = weft_drain::new();
+        let task = tokio::spawn(async move {
+            app.run(watcher).await.expect("weftd runs");
         });
-        Self {
-            dir,
-            xds,
-            monitoring,
-            xds_metrics,
-            trigger: Some(trigger),
-            watcher,
-            tasks,
-        }
+        self.weftd = Some((trigger, task));
+    }
+
+    /// Drains and stops weftd, as SIGTERM would; the proxies lose their control plane.
+    pub async fn stop_weftd(&mut self) {
+        let (trigger, task) = self.weftd.take().expect("weftd is running");
+        tokio::time::timeout(Duration::from_secs(10), trigger.drain())
+            .await
+            .expect("weftd drained within 10s");
+        task.await.expect("weftd stopped cleanly");
     }
 
     /// Replaces (or adds) one manifest file; weftd picks the change up by itself.
@@ -172,6 +190,9 @@ impl Mesh {
 
     /// Drains every component, as SIGTERM would.
     pub async fn shutdown(mut self) {
+        if self.weftd.is_some() {
+            self.stop_weftd().await;
+        }
         let trigger = self.trigger.take().expect("not yet shut down");
         let watcher = std::mem::replace(&mut self.watcher, weft_drain::new().1);
         drop(watcher);
@@ -184,6 +205,9 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         self.tasks.abort_all();
+        if let Some((_, task)) = self.weftd.take() {
+            task.abort();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

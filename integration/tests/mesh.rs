@@ -689,3 +689,114 @@ async fn admin_metrics_and_access_logs_describe_the_traffic() {
     let Scenario { mesh, .. } = s;
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_keep_serving_while_the_control_plane_is_away_and_resync_when_it_returns() {
+    let mut s = Scenario::new(&["v1", "v2"], &all_to("v1")).await;
+    s.mesh.stop_weftd().await;
+    let mut state = s.client.state.clone();
+    wait_for("the proxy to notice", Duration::from_secs(10), || {
+        let st = state.borrow_and_update().clone();
+        async move { (!st.xds_connected).then_some(()) }
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            s.get("/", &[]).await.backend(),
+            "backend-v1",
+            "last good config keeps serving"
+        );
+    }
+    // A change made while weftd is down arrives once it is back.
+    s.mesh.write("rules.yaml", &all_to("v2"));
+    s.mesh.start_weftd().await;
+    wait_for(
+        "traffic to follow the change made while weftd was away",
+        Duration::from_secs(20),
+        || async { (s.get("/", &[]).await.backend() == "backend-v2").then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_xds_sends_only_what_changed_over_grpc() {
+    use weft_xds::pb::envoy::{
+        config::{cluster::v3::Cluster, core::v3::Node},
+        service::discovery::v3::{
+            DeltaDiscoveryRequest,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    };
+    let ip = next_ip();
+    let mesh = Mesh::start(&[(
+        "a.yaml",
+        service("alpha", "http", 9080, &[(next_ip(), "alpha-0", "v1")]),
+    )])
+    .await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", mesh.xds))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let first = DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: format!("sidecar~{ip}~delta-0.test~test.svc.cluster.local"),
+            ..Default::default()
+        }),
+        type_url: weft_xds::type_url::CLUSTER.into(),
+        ..Default::default()
+    };
+    tx.send(first).expect("send");
+    let mut responses = client
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let names = |r: &weft_xds::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse| {
+        r.resources
+            .iter()
+            .map(|x| x.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let r1 = responses.message().await.expect("response").expect("open");
+    assert_eq!(names(&r1), ["outbound|9080||alpha.test.svc.cluster.local"]);
+    let decoded: Cluster = prost::Message::decode(
+        r1.resources[0]
+            .resource
+            .as_ref()
+            .expect("resource")
+            .value
+            .as_slice(),
+    )
+    .expect("cluster");
+    assert_eq!(decoded.name, "outbound|9080||alpha.test.svc.cluster.local");
+    let ack = |nonce: &str| DeltaDiscoveryRequest {
+        type_url: weft_xds::type_url::CLUSTER.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    tx.send(ack(&r1.nonce)).expect("ack");
+
+    // Adding a service sends that cluster alone; removing the first sends only its name as removed.
+    mesh.write(
+        "b.yaml",
+        &service("beta", "http", 9080, &[(next_ip(), "beta-0", "v1")]),
+    );
+    let r2 = responses.message().await.expect("response").expect("open");
+    assert_eq!(
+        (names(&r2), r2.removed_resources.clone()),
+        (
+            vec!["outbound|9080||beta.test.svc.cluster.local".to_string()],
+            vec![]
+        )
+    );
+    tx.send(ack(&r2.nonce)).expect("ack");
+    std::fs::remove_file(mesh.dir.join("a.yaml")).expect("remove");
+    let r3 = responses.message().await.expect("response").expect("open");
+    assert_eq!(
+        (names(&r3), r3.removed_resources.clone()),
+        (
+            vec![],
+            vec!["outbound|9080||alpha.test.svc.cluster.local".to_string()]
+        )
+    );
+}
