@@ -108,32 +108,26 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let state = SotwStream {
+        let stream = AdsStream {
             requests: request.into_inner(),
             config: self.config.clone(),
             drain: self.drain.clone(),
             proto: SotwState::new(self.metrics.clone()),
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(
-            state,
-            SotwStream::next,
-        ))))
+        Ok(Response::new(stream.into_response_stream()))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let state = DeltaStream {
+        let stream = AdsStream {
             requests: request.into_inner(),
             config: self.config.clone(),
             drain: self.drain.clone(),
             proto: DeltaState::new(self.metrics.clone()),
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(
-            state,
-            DeltaStream::next,
-        ))))
+        Ok(Response::new(stream.into_response_stream()))
     }
 }
 
@@ -178,19 +172,38 @@ impl Subscription {
     }
 }
 
-// === State of the world ===
-
-struct SotwStream {
-    requests: Streaming<DiscoveryRequest>,
-    config: watch::Receiver<Arc<dyn SnapshotGenerator>>,
-    drain: DrainWatcher,
-    proto: SotwState,
+/// One variant of the protocol (SotW or delta), apart from IO so tests can drive it directly.
+trait Protocol: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    fn on_request(
+        &mut self,
+        req: Self::Request,
+        generator: &dyn SnapshotGenerator,
+    ) -> Result<(), Status>;
+    fn on_config(&mut self, generator: &dyn SnapshotGenerator);
+    fn next_response(&mut self) -> Option<Self::Response>;
 }
 
-impl SotwStream {
-    async fn next(mut self) -> Option<(Result<DiscoveryResponse, Status>, Self)> {
+/// A proxy's stream: requests and config changes in, queued responses out, until either side closes.
+struct AdsStream<P: Protocol> {
+    requests: Streaming<P::Request>,
+    config: watch::Receiver<Arc<dyn SnapshotGenerator>>,
+    drain: DrainWatcher,
+    proto: P,
+}
+
+impl<P: Protocol> AdsStream<P> {
+    fn into_response_stream(self) -> ResponseStream<P::Response>
+    where
+        Streaming<P::Request>: Send,
+    {
+        Box::pin(futures::stream::unfold(self, Self::next))
+    }
+
+    async fn next(mut self) -> Option<(Result<P::Response, Status>, Self)> {
         loop {
-            if let Some(resp) = self.proto.pending.pop_front() {
+            if let Some(resp) = self.proto.next_response() {
                 return Some((Ok(resp), self));
             }
             match next_event(&mut self.requests, &mut self.config, &self.drain).await {
@@ -214,6 +227,22 @@ impl SotwStream {
         }
     }
 }
+
+/// The subscribed types in push order: clusters, endpoints, listeners, routes, then any others.
+fn push_order<'a>(subscribed: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let subscribed: Vec<&String> = subscribed.collect();
+    let known = type_url::PUSH_ORDER
+        .iter()
+        .filter(|t| subscribed.iter().any(|s| s == *t))
+        .map(|t| t.to_string());
+    let others = subscribed
+        .iter()
+        .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
+        .map(|t| t.to_string());
+    known.chain(others).collect()
+}
+
+// === State of the world ===
 
 #[derive(Debug, Default)]
 struct SotwType {
@@ -249,6 +278,42 @@ impl SotwState {
     fn node_id(&self) -> &str {
         self.node.as_ref().map_or("", |n| n.id.as_str())
     }
+
+    /// Queues the full set of `type_url` the proxy subscribes to, unless it already has exactly that.
+    fn push(&mut self, type_url: &str, even_if_unchanged: bool) {
+        let Some(state) = self.types.get_mut(type_url) else {
+            return;
+        };
+        let wanted: Vec<_> = self
+            .snapshot
+            .resources(type_url)
+            .filter(|(name, _)| state.subscription.wants(name))
+            .collect();
+        let version = set_version(wanted.iter().map(|(n, v)| (*n, v.version.as_str())));
+        if !even_if_unchanged && state.sent_version.as_deref() == Some(version.as_str()) {
+            return;
+        }
+        self.nonce += 1;
+        state.last_nonce = self.nonce.to_string();
+        state.sent_version = Some(version.clone());
+        self.metrics
+            .pushes
+            .get_or_create(&XdsMetrics::labels(type_url))
+            .inc();
+        debug!(node = %self.node.as_ref().map_or("", |n| n.id.as_str()), type_url, %version, count = wanted.len(), "push");
+        self.pending.push_back(DiscoveryResponse {
+            version_info: version,
+            resources: wanted.iter().map(|(_, v)| v.resource.clone()).collect(),
+            type_url: type_url.to_string(),
+            nonce: state.last_nonce.clone(),
+            ..Default::default()
+        });
+    }
+}
+
+impl Protocol for SotwState {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
 
     fn on_request(
         &mut self,
@@ -310,88 +375,17 @@ impl SotwState {
             return;
         }
         self.snapshot = snapshot;
-        let subscribed: Vec<String> = self.types.keys().cloned().collect();
-        let ordered = type_url::PUSH_ORDER
-            .iter()
-            .map(|t| t.to_string())
-            .filter(|t| subscribed.contains(t));
-        let others = subscribed
-            .iter()
-            .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
-            .cloned();
-        for t in ordered.chain(others).collect::<Vec<_>>() {
+        for t in push_order(self.types.keys()) {
             self.push(&t, false);
         }
     }
 
-    /// Queues the full set of `type_url` the proxy subscribes to, unless it already has exactly that.
-    fn push(&mut self, type_url: &str, even_if_unchanged: bool) {
-        let Some(state) = self.types.get_mut(type_url) else {
-            return;
-        };
-        let wanted: Vec<_> = self
-            .snapshot
-            .resources(type_url)
-            .filter(|(name, _)| state.subscription.wants(name))
-            .collect();
-        let version = set_version(wanted.iter().map(|(n, v)| (*n, v.version.as_str())));
-        if !even_if_unchanged && state.sent_version.as_deref() == Some(version.as_str()) {
-            return;
-        }
-        self.nonce += 1;
-        state.last_nonce = self.nonce.to_string();
-        state.sent_version = Some(version.clone());
-        self.metrics
-            .pushes
-            .get_or_create(&XdsMetrics::labels(type_url))
-            .inc();
-        debug!(node = %self.node.as_ref().map_or("", |n| n.id.as_str()), type_url, %version, count = wanted.len(), "push");
-        self.pending.push_back(DiscoveryResponse {
-            version_info: version,
-            resources: wanted.iter().map(|(_, v)| v.resource.clone()).collect(),
-            type_url: type_url.to_string(),
-            nonce: state.last_nonce.clone(),
-            ..Default::default()
-        });
+    fn next_response(&mut self) -> Option<Self::Response> {
+        self.pending.pop_front()
     }
 }
 
 // === Delta ===
-
-struct DeltaStream {
-    requests: Streaming<DeltaDiscoveryRequest>,
-    config: watch::Receiver<Arc<dyn SnapshotGenerator>>,
-    drain: DrainWatcher,
-    proto: DeltaState,
-}
-
-impl DeltaStream {
-    async fn next(mut self) -> Option<(Result<DeltaDiscoveryResponse, Status>, Self)> {
-        loop {
-            if let Some(resp) = self.proto.pending.pop_front() {
-                return Some((Ok(resp), self));
-            }
-            match next_event(&mut self.requests, &mut self.config, &self.drain).await {
-                Event::Request(req) => {
-                    // Marking the config seen here must not swallow a change that arrived with it.
-                    let changed = self.config.has_changed().unwrap_or(false);
-                    let generator = self.config.borrow_and_update().clone();
-                    if let Err(status) = self.proto.on_request(req, generator.as_ref()) {
-                        return Some((Err(status), self));
-                    }
-                    if changed {
-                        self.proto.on_config(generator.as_ref());
-                    }
-                }
-                Event::ConfigChanged => {
-                    let generator = self.config.borrow_and_update().clone();
-                    self.proto.on_config(generator.as_ref());
-                }
-                Event::Closed => return None,
-            }
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 struct DeltaType {
@@ -422,6 +416,60 @@ impl DeltaState {
             metrics,
         }
     }
+
+    /// Queues the resources whose version differs from what the proxy holds, and the names it holds that
+    /// are gone. Nothing is queued when the proxy is up to date.
+    fn push(&mut self, type_url: &str) {
+        let Some(state) = self.types.get_mut(type_url) else {
+            return;
+        };
+        let mut resources = Vec::new();
+        let mut present = BTreeSet::new();
+        for (name, v) in self.snapshot.resources(type_url) {
+            if !state.subscription.wants(name) {
+                continue;
+            }
+            present.insert(name.clone());
+            if state.known.get(name) != Some(&v.version) {
+                state.known.insert(name.clone(), v.version.clone());
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: v.version.clone(),
+                    resource: Some(v.resource.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let removed: Vec<String> = state
+            .known
+            .keys()
+            .filter(|n| !present.contains(*n))
+            .cloned()
+            .collect();
+        for name in &removed {
+            state.known.remove(name);
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return;
+        }
+        self.nonce += 1;
+        self.metrics
+            .pushes
+            .get_or_create(&XdsMetrics::labels(type_url))
+            .inc();
+        self.pending.push_back(DeltaDiscoveryResponse {
+            resources,
+            removed_resources: removed,
+            type_url: type_url.to_string(),
+            nonce: self.nonce.to_string(),
+            ..Default::default()
+        });
+    }
+}
+
+impl Protocol for DeltaState {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
 
     fn on_request(
         &mut self,
@@ -484,67 +532,13 @@ impl DeltaState {
             return;
         }
         self.snapshot = snapshot;
-        let subscribed: Vec<String> = self.types.keys().cloned().collect();
-        let ordered = type_url::PUSH_ORDER
-            .iter()
-            .map(|t| t.to_string())
-            .filter(|t| subscribed.contains(t));
-        let others = subscribed
-            .iter()
-            .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
-            .cloned();
-        for t in ordered.chain(others).collect::<Vec<_>>() {
+        for t in push_order(self.types.keys()) {
             self.push(&t);
         }
     }
 
-    /// Queues the resources whose version differs from what the proxy holds, and the names it holds that
-    /// are gone. Nothing is queued when the proxy is up to date.
-    fn push(&mut self, type_url: &str) {
-        let Some(state) = self.types.get_mut(type_url) else {
-            return;
-        };
-        let mut resources = Vec::new();
-        let mut present = BTreeSet::new();
-        for (name, v) in self.snapshot.resources(type_url) {
-            if !state.subscription.wants(name) {
-                continue;
-            }
-            present.insert(name.clone());
-            if state.known.get(name) != Some(&v.version) {
-                state.known.insert(name.clone(), v.version.clone());
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: v.version.clone(),
-                    resource: Some(v.resource.clone()),
-                    ..Default::default()
-                });
-            }
-        }
-        let removed: Vec<String> = state
-            .known
-            .keys()
-            .filter(|n| !present.contains(*n))
-            .cloned()
-            .collect();
-        for name in &removed {
-            state.known.remove(name);
-        }
-        if resources.is_empty() && removed.is_empty() {
-            return;
-        }
-        self.nonce += 1;
-        self.metrics
-            .pushes
-            .get_or_create(&XdsMetrics::labels(type_url))
-            .inc();
-        self.pending.push_back(DeltaDiscoveryResponse {
-            resources,
-            removed_resources: removed,
-            type_url: type_url.to_string(),
-            nonce: self.nonce.to_string(),
-            ..Default::default()
-        });
+    fn next_response(&mut self) -> Option<Self::Response> {
+        self.pending.pop_front()
     }
 }
 
