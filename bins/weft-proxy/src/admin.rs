@@ -38,6 +38,7 @@ pub fn config_dump(state: &ProxyState) -> serde_json::Value {
             {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
             {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": state.routes.values().map(|r| r.as_ref()).collect::<Vec<_>>()},
         ],
+        "versions": state.versions,
         "xds_connected": state.xds_connected,
     })
 }

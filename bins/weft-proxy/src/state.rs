@@ -152,7 +152,7 @@ impl XdsHandler {
 }
 
 impl Handler for XdsHandler {
-    fn apply(&mut self, t: &str, resources: &[Any]) -> Result<(), String> {
+    fn apply(&mut self, t: &str, version: &str, resources: &[Any]) -> Result<(), String> {
         let current = self.current();
         match t {
             type_url::CLUSTER => {
@@ -166,7 +166,10 @@ impl Handler for XdsHandler {
                     })
                     .collect();
                 self.eds.retain(|name, _| clusters.contains_key(name));
-                self.publish(|s| s.clusters = clusters);
+                self.publish(|s| {
+                    s.clusters = clusters;
+                    s.versions.insert(t.to_string(), version.to_string());
+                });
             }
             type_url::ENDPOINT => {
                 let assignments =
@@ -184,7 +187,10 @@ impl Handler for XdsHandler {
                         )
                     })
                     .collect();
-                self.publish(|s| s.clusters = clusters);
+                self.publish(|s| {
+                    s.clusters = clusters;
+                    s.versions.insert(t.to_string(), version.to_string());
+                });
             }
             type_url::LISTENER => {
                 let configs =
@@ -196,7 +202,10 @@ impl Handler for XdsHandler {
                     .map(|l| (l.name.clone(), l.address))
                     .collect();
                 let bound = self.listeners.prepare(&addresses)?;
-                self.publish(|s| s.listeners = listeners);
+                self.publish(|s| {
+                    s.listeners = listeners;
+                    s.versions.insert(t.to_string(), version.to_string());
+                });
                 self.listeners.commit(bound);
             }
             type_url::ROUTE => {
@@ -207,14 +216,13 @@ impl Handler for XdsHandler {
                     .into_iter()
                     .map(|r| (r.name.clone(), Arc::new(r)))
                     .collect();
-                self.publish(|s| s.routes = routes);
+                self.publish(|s| {
+                    s.routes = routes;
+                    s.versions.insert(t.to_string(), version.to_string());
+                });
             }
             other => return Err(format!("type {other} is not supported by weft-proxy")),
         }
-        let t = t.to_string();
-        self.publish(|s| {
-            s.versions.insert(t, String::from("applied"));
-        });
         Ok(())
     }
 

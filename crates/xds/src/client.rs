@@ -33,7 +33,7 @@ use crate::{
 pub trait Handler: Send + 'static {
     /// Applies the complete set of resources of `type_url`, or rejects all of them. The error is sent to
     /// the control plane as `error_detail`, so it names the resource and the field at fault.
-    fn apply(&mut self, type_url: &str, resources: &[Any]) -> Result<(), String>;
+    fn apply(&mut self, type_url: &str, version: &str, resources: &[Any]) -> Result<(), String>;
 
     /// The names of `type_url` (route configurations or cluster load assignments) the applied config uses.
     fn wanted_names(&self, type_url: &str) -> BTreeSet<String>;
@@ -234,7 +234,7 @@ impl<'a> Session<'a> {
             return Vec::new();
         };
         state.last_nonce = resp.nonce.clone();
-        let result = handler.apply(&t, &resp.resources);
+        let result = handler.apply(&t, &resp.version_info, &resp.resources);
         let mut out = Vec::new();
         match result {
             Ok(()) => {
