@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 mod http;
+pub mod iptables;
 mod lb;
 mod listeners;
 pub mod model;

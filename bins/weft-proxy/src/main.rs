@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-use weft_proxy::{app, config::Config};
+use clap::{Parser, Subcommand};
+use weft_proxy::{app, config::Config, iptables};
 
 /// Weft's sidecar proxy. The workload is described by Istio's environment variables: POD_NAME,
 /// POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT, ISTIO_METAJSON_LABELS and ISTIO_META_*.
@@ -15,10 +15,63 @@ struct Args {
         default_value = "http://127.0.0.1:15010"
     )]
     xds_address: String,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the traffic capture rules, as Istio's `istio-iptables` (the pod's init step) does.
+    Iptables {
+        #[command(flatten)]
+        capture: iptables::CaptureConfig,
+        /// Print the rules instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove the rules instead of installing them.
+        #[arg(long)]
+        cleanup: bool,
+    },
+}
+
+fn iptables_step(capture: &iptables::CaptureConfig, dry_run: bool, cleanup: bool) -> ExitCode {
+    if cleanup {
+        if dry_run {
+            for args in iptables::cleanup_commands() {
+                println!("iptables -t nat {}", args.join(" "));
+            }
+        } else {
+            iptables::cleanup();
+        }
+        return ExitCode::SUCCESS;
+    }
+    let result = if dry_run {
+        iptables::rules(capture).map(|r| print!("{r}"))
+    } else {
+        iptables::apply(capture)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-proxy iptables: {e}");
+            ExitCode::from(64)
+        }
+    }
 }
 
 fn main() -> ExitCode {
-    let Args { xds_address } = Args::parse();
+    let Args {
+        xds_address,
+        command,
+    } = Args::parse();
+    if let Some(Cmd::Iptables {
+        capture,
+        dry_run,
+        cleanup,
+    }) = command
+    {
+        return iptables_step(&capture, dry_run, cleanup);
+    }
     let xds_address = if xds_address.contains("://") {
         xds_address
     } else {
