@@ -19,8 +19,9 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Every check CI runs, cheapest first: fmt, clippy, one crypto provider, unit and in-process tests,
-    /// then the real third-party peers (Python grpcio's xDS client, the Prometheus text parser).
+    /// Every check CI runs, cheapest first: fmt, clippy, one crypto provider, unit, in-process and
+    /// network-namespace tests (these need root and iptables), then the real third-party peers (Python
+    /// grpcio's xDS client, the Prometheus text parser).
     Test {
         /// Skip the checks against Python peers (they need python3 and PyPI for `.venv`).
         #[arg(long)]
