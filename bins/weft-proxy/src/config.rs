@@ -85,13 +85,19 @@ impl Config {
         metadata
             .entry("INTERCEPTION_MODE")
             .or_insert_with(|| Value::String("NONE".into()));
-        if metadata.get("INTERCEPTION_MODE").and_then(Value::as_str) != Some("NONE") {
-            return Err(ConfigError::Invalid {
-                name: "ISTIO_META_INTERCEPTION_MODE".into(),
-                value: metadata["INTERCEPTION_MODE"].to_string(),
-                reason: "only NONE (explicit listeners) is supported so far".into(),
-            });
-        }
+        let captured = match metadata.get("INTERCEPTION_MODE").and_then(Value::as_str) {
+            Some("NONE") => false,
+            Some("REDIRECT") => true,
+            other => {
+                return Err(ConfigError::Invalid {
+                    name: "ISTIO_META_INTERCEPTION_MODE".into(),
+                    value: other.unwrap_or_default().to_string(),
+                    reason:
+                        "NONE (explicit listeners) or REDIRECT (iptables capture) are supported"
+                            .into(),
+                });
+            }
+        };
         let label = |k: &str| labels.get(k).and_then(Value::as_str).map(str::to_string);
         let app = label("app")
             .or_else(|| label("app.kubernetes.io/name"))
@@ -122,9 +128,19 @@ impl Config {
                 cluster: app.clone(),
                 metadata,
             },
-            // Several proxies share one machine in explicit mode, so each binds its own workload address.
-            admin_address: SocketAddr::new(ip, ADMIN_PORT),
-            stats_address: SocketAddr::new(ip, STATS_PORT),
+            // Under capture the pod has its own loopback, so admin stays local and metrics listen on every
+            // address (15090 is excluded from capture), as in an Istio pod. In explicit mode several proxies
+            // share one machine, so each binds its own workload address.
+            admin_address: if captured {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), ADMIN_PORT)
+            } else {
+                SocketAddr::new(ip, ADMIN_PORT)
+            },
+            stats_address: if captured {
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), STATS_PORT)
+            } else {
+                SocketAddr::new(ip, STATS_PORT)
+            },
             drain_duration: Duration::from_secs(5),
             workload: Workload {
                 name: workload_name,

@@ -87,6 +87,8 @@ mod tests {
             lb,
             connect_timeout: std::time::Duration::from_secs(1),
             http2: false,
+            original_dst: false,
+            source_address: None,
             static_endpoints: None,
             services: vec![],
         };

@@ -12,7 +12,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     Ctx,
     http::{self, ConnInfo},
-    model::ListenerKind,
+    model::{ListenerConfig, ListenerKind},
+    state::ProxyState,
     tcp,
 };
 
@@ -111,24 +112,38 @@ async fn accept_loop(
         };
         while conns.try_join_next().is_some() {}
         let state = ctx.state.borrow().clone();
-        let Some(config) = state
+        let Some(own) = state
             .listeners
             .values()
-            .find(|l| l.address == addr)
-            .cloned()
+            .find(|l| l.bind && l.address == addr)
         else {
             debug!(%peer, "no listener config for this address any more; closing");
             continue;
+        };
+        // A capture listener hands the connection to the listener for where it was going.
+        let original_dst = own
+            .use_original_dst
+            .then(|| original_dst(&stream))
+            .flatten();
+        let target = original_dst.unwrap_or(addr);
+        let (config, kind) = match resolve(&state, own, target) {
+            Some((config, kind)) => (config.clone(), kind.clone()),
+            None => {
+                debug!(%peer, %target, listener = %own.name, "no filter chain for this destination; closing");
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let stop = stop.clone();
         conns.spawn(async move {
             let drain = ctx.drain.clone();
-            match config.kind {
-                ListenerKind::Tcp(tcp) => tcp::proxy(stream, peer, &config.name, config.inbound, &tcp, &ctx).await,
+            match kind {
+                ListenerKind::Tcp(tcp) => {
+                    tcp::proxy(stream, peer, target, &config.name, config.inbound, &tcp, &ctx).await
+                }
                 ListenerKind::Http(http_config) => {
-                    let info = Arc::new(ConnInfo { local: addr, peer, inbound: config.inbound, http: http_config });
+                    let info = Arc::new(ConnInfo { local: target, peer, inbound: config.inbound, http: http_config });
                     let svc_ctx = ctx.clone();
                     let svc = service_fn(move |req| http::handle(req, svc_ctx.clone(), info.clone()));
                     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -149,4 +164,36 @@ async fn accept_loop(
     }
     // Stop accepting, then let connections in flight finish (each watches the same signal to wind down).
     while conns.join_next().await.is_some() {}
+}
+
+/// Where a redirected connection was headed (`SO_ORIGINAL_DST`); `None` when it was not redirected.
+fn original_dst(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    addr.ok()?.as_socket()
+}
+
+/// Envoy's `use_original_dst` choice: an unbound listener for exactly the destination, then one for
+/// `0.0.0.0:<port>`, then the capture listener's own chains, each by destination port.
+fn resolve<'a>(
+    state: &'a ProxyState,
+    own: &'a ListenerConfig,
+    target: SocketAddr,
+) -> Option<(&'a ListenerConfig, &'a ListenerKind)> {
+    if own.use_original_dst {
+        let unbound = |want: SocketAddr| {
+            state
+                .listeners
+                .values()
+                .find(|l| !l.bind && l.address == want)
+        };
+        let wildcard = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), target.port());
+        if let Some(l) = unbound(target).or_else(|| unbound(wildcard)) {
+            return l.chain_for(target.port()).map(|k| (l, k));
+        }
+    }
+    own.chain_for(target.port()).map(|k| (own, k))
 }

@@ -19,7 +19,7 @@ use weft_xds::{
                     header_value_option::HeaderAppendAction, socket_address,
                 },
                 endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
-                listener::v3::{Listener, filter},
+                listener::v3::{FilterChainMatch, Listener, filter},
                 route::v3::{
                     HeaderMatcher, RouteConfiguration, RouteMatch, header_matcher,
                     query_parameter_matcher, redirect_action, route, route_action, route_match,
@@ -136,6 +136,19 @@ pub struct ListenerConfig {
     pub name: String,
     pub address: SocketAddr,
     pub inbound: bool,
+    /// False for listeners that only receive connections handed over by a capture listener (Envoy's
+    /// `bind_to_port: false`), such as `0.0.0.0_9080` behind 15001.
+    pub bind: bool,
+    /// A capture listener (15001, 15006): it hands each connection to the listener for the connection's
+    /// original destination, as Envoy's `use_original_dst` does, or else to its own chains.
+    pub use_original_dst: bool,
+    pub chains: Vec<FilterChainConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FilterChainConfig {
+    /// Taken only by connections to this port (`filter_chain_match.destination_port`); `None` takes the rest.
+    pub destination_port: Option<u16>,
     pub kind: ListenerKind,
 }
 
@@ -188,14 +201,6 @@ impl TryFrom<&Listener> for ListenerConfig {
         if !l.listener_filters.is_empty() {
             return Err(unsupported(K, name, "listener_filters"));
         }
-        if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
-            return Err(reject(
-                K,
-                name,
-                "use_original_dst",
-                "traffic interception is not supported yet",
-            ));
-        }
         if l.filter_chain_matcher.is_some() || l.default_filter_chain.is_some() {
             return Err(unsupported(
                 K,
@@ -207,55 +212,108 @@ impl TryFrom<&Listener> for ListenerConfig {
             return Err(unsupported(K, name, "socket_options/transparent"));
         }
         let address = socket_addr(l.address.as_ref(), K, name)?;
-        let [chain] = l.filter_chains.as_slice() else {
+        if l.filter_chains.is_empty() {
             return Err(reject(
                 K,
                 name,
                 "filter_chains",
-                "exactly one filter chain is supported",
-            ));
-        };
-        if chain.filter_chain_match.is_some() || chain.transport_socket.is_some() {
-            return Err(unsupported(
-                K,
-                name,
-                "filter_chains[0].filter_chain_match/transport_socket",
+                "at least one filter chain is required",
             ));
         }
-        let [filter] = chain.filters.as_slice() else {
-            return Err(reject(
-                K,
-                name,
-                "filter_chains[0].filters",
-                "exactly one network filter is supported",
-            ));
-        };
-        let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
-            return Err(reject(
-                K,
-                name,
-                "filter_chains[0].filters[0]",
-                "typed_config is required",
-            ));
-        };
-        let kind = if any.type_url == HttpConnectionManager::type_url() {
-            ListenerKind::Http(http_config(&unpack(any, K, name, "filters[0]")?, name)?)
-        } else if any.type_url == TcpProxy::type_url() {
-            ListenerKind::Tcp(tcp_config(&unpack(any, K, name, "filters[0]")?, name)?)
-        } else {
-            return Err(reject(
-                K,
-                name,
-                format!("filters[0] {}", filter.name),
-                format!("unsupported network filter {}", any.type_url),
-            ));
-        };
+        let mut chains = Vec::new();
+        for (i, chain) in l.filter_chains.iter().enumerate() {
+            let field = |f: &str| format!("filter_chains[{i}].{f}");
+            if chain.transport_socket.is_some() {
+                return Err(unsupported(K, name, &field("transport_socket")));
+            }
+            let destination_port = match &chain.filter_chain_match {
+                None => None,
+                Some(m) => {
+                    let only_port = FilterChainMatch {
+                        destination_port: m.destination_port,
+                        ..Default::default()
+                    };
+                    if *m != only_port {
+                        return Err(reject(
+                            K,
+                            name,
+                            field("filter_chain_match"),
+                            "only destination_port is supported",
+                        ));
+                    }
+                    match m.destination_port.as_ref() {
+                        Some(p) => Some(u16::try_from(p.value).map_err(|_| {
+                            reject(
+                                K,
+                                name,
+                                field("filter_chain_match.destination_port"),
+                                "out of range",
+                            )
+                        })?),
+                        None => None,
+                    }
+                }
+            };
+            let [filter] = chain.filters.as_slice() else {
+                return Err(reject(
+                    K,
+                    name,
+                    field("filters"),
+                    "exactly one network filter is supported",
+                ));
+            };
+            let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+                return Err(reject(
+                    K,
+                    name,
+                    field("filters[0]"),
+                    "typed_config is required",
+                ));
+            };
+            let kind = if any.type_url == HttpConnectionManager::type_url() {
+                ListenerKind::Http(http_config(
+                    &unpack(any, K, name, &field("filters[0]"))?,
+                    name,
+                )?)
+            } else if any.type_url == TcpProxy::type_url() {
+                ListenerKind::Tcp(tcp_config(
+                    &unpack(any, K, name, &field("filters[0]"))?,
+                    name,
+                )?)
+            } else {
+                return Err(reject(
+                    K,
+                    name,
+                    format!("filter_chains[{i}].filters[0] {}", filter.name),
+                    format!("unsupported network filter {}", any.type_url),
+                ));
+            };
+            chains.push(FilterChainConfig {
+                destination_port,
+                kind,
+            });
+        }
         Ok(Self {
             name: name.to_string(),
             address,
             inbound: l.traffic_direction == 1,
-            kind,
+            bind: l.bind_to_port.as_ref().is_none_or(|b| b.value),
+            use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
+            chains,
         })
+    }
+}
+
+impl ListenerConfig {
+    /// The filter chain for a connection to `port`: one matching the port, else one without a match.
+    pub fn chain_for(&self, port: u16) -> Option<&ListenerKind> {
+        let exact = self
+            .chains
+            .iter()
+            .find(|c| c.destination_port == Some(port));
+        exact
+            .or_else(|| self.chains.iter().find(|c| c.destination_port.is_none()))
+            .map(|c| &c.kind)
     }
 }
 
@@ -980,6 +1038,11 @@ pub struct ClusterConfig {
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub http2: bool,
+    /// Each connection goes where it was originally headed (Istio's PassthroughCluster).
+    pub original_dst: bool,
+    /// The address upstream connections are made from (`upstream_bind_config`), such as Istio's
+    /// 127.0.0.6 for inbound passthrough, which the capture rules let through.
+    pub source_address: Option<std::net::IpAddr>,
     /// Endpoints given in the cluster itself (STATIC); EDS clusters get theirs separately.
     pub static_endpoints: Option<Vec<EndpointConfig>>,
     /// The services an inbound cluster serves (Istio's `istio.services` metadata), for metrics.
@@ -1045,6 +1108,12 @@ impl TryFrom<&Cluster> for ClusterConfig {
             Ok(cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
             Ok(cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
             Ok(cluster::LbPolicy::Random) => LbPolicy::Random,
+            // An ORIGINAL_DST cluster has one destination per connection; there is nothing to balance.
+            Ok(cluster::LbPolicy::ClusterProvided)
+                if c.cluster_discovery_type == original_dst_type() =>
+            {
+                LbPolicy::RoundRobin
+            }
             _ => {
                 return Err(reject(
                     K,
@@ -1096,23 +1165,41 @@ impl TryFrom<&Cluster> for ClusterConfig {
             Some(cluster::ClusterDiscoveryType::Type(t))
                 if *t == cluster::DiscoveryType::Static as i32 =>
             {
-                let cla = c.load_assignment.as_ref().ok_or_else(|| {
-                    reject(
-                        K,
-                        name,
-                        "load_assignment",
-                        "a STATIC cluster needs endpoints",
-                    )
-                })?;
-                Some(endpoints(cla)?)
+                // Without endpoints it refuses every connection: Istio's BlackHoleCluster.
+                match c.load_assignment.as_ref() {
+                    Some(cla) => Some(endpoints(cla)?),
+                    None => Some(Vec::new()),
+                }
             }
+            Some(_) if c.cluster_discovery_type == original_dst_type() => Some(Vec::new()),
             _ => {
                 return Err(reject(
                     K,
                     name,
                     "type",
-                    "only EDS and STATIC clusters are supported",
+                    "only EDS, STATIC and ORIGINAL_DST clusters are supported",
                 ));
+            }
+        };
+        let source_address = match c.upstream_bind_config.as_ref() {
+            None => None,
+            Some(bind) => {
+                let Some(sa) = bind.source_address.as_ref() else {
+                    return Err(reject(
+                        K,
+                        name,
+                        "upstream_bind_config.source_address",
+                        "a socket address is required",
+                    ));
+                };
+                Some(sa.address.parse().map_err(|_| {
+                    reject(
+                        K,
+                        name,
+                        "upstream_bind_config.source_address",
+                        format!("{:?} is not an IP address", sa.address),
+                    )
+                })?)
             }
         };
         let services = istio_meta(c.metadata.as_ref())
@@ -1136,10 +1223,18 @@ impl TryFrom<&Cluster> for ClusterConfig {
                 .as_ref()
                 .map_or(Duration::from_secs(5), to_duration),
             http2,
+            original_dst: c.cluster_discovery_type == original_dst_type(),
+            source_address,
             static_endpoints,
             services,
         })
     }
+}
+
+fn original_dst_type() -> Option<cluster::ClusterDiscoveryType> {
+    Some(cluster::ClusterDiscoveryType::Type(
+        cluster::DiscoveryType::OriginalDst as i32,
+    ))
 }
 
 /// The endpoints of a load assignment, flattened across localities.

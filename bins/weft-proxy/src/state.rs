@@ -199,6 +199,7 @@ impl Handler for XdsHandler {
                     configs.into_iter().map(|l| (l.name.clone(), l)).collect();
                 let addresses: Vec<(String, SocketAddr)> = listeners
                     .values()
+                    .filter(|l| l.bind)
                     .map(|l| (l.name.clone(), l.address))
                     .collect();
                 let bound = self.listeners.prepare(&addresses)?;
@@ -238,7 +239,8 @@ impl Handler for XdsHandler {
             type_url::ROUTE => s
                 .listeners
                 .values()
-                .filter_map(|l| match &l.kind {
+                .flat_map(|l| &l.chains)
+                .filter_map(|c| match &c.kind {
                     model::ListenerKind::Http(h) => match &h.routes {
                         RouteSource::Rds(name) => Some(name.clone()),
                         RouteSource::Inline(_) => None,

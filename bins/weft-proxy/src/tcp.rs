@@ -8,9 +8,12 @@ use weft_telemetry::TcpLabels;
 
 use crate::{Ctx, lb, model::TcpConfig};
 
+/// `target` is where the connection was headed: the listener's own address, or for a captured
+/// connection its original destination, which ORIGINAL_DST clusters connect to.
 pub async fn proxy(
     mut downstream: TcpStream,
     peer: SocketAddr,
+    target: SocketAddr,
     listener: &str,
     inbound: bool,
     config: &TcpConfig,
@@ -25,10 +28,16 @@ pub async fn proxy(
         .tcp_connections_opened
         .get_or_create(&labels)
         .inc();
-    let result = match (&cluster, &endpoint) {
-        (Some(c), Some(e)) => match tokio::time::timeout(
+    let destination = match (&cluster, &endpoint) {
+        (Some(c), _) if c.config.original_dst => Ok(target),
+        (Some(_), Some(e)) => Ok(e.config.address),
+        (Some(_), None) => Err("UH"),
+        (None, _) => Err("NC"),
+    };
+    let result = match (destination, &cluster) {
+        (Ok(dst), Some(c)) => match tokio::time::timeout(
             c.config.connect_timeout,
-            TcpStream::connect(e.config.address),
+            connect(dst, c.config.source_address),
         )
         .await
         {
@@ -40,8 +49,8 @@ pub async fn proxy(
             }
             _ => Err("UF"),
         },
-        (Some(_), None) => Err("UH"),
-        (None, _) => Err("NC"),
+        (Err(flag), _) => Err(flag),
+        (Ok(_), None) => Err("NC"),
     };
     match result {
         Ok((from_downstream, to_downstream)) => {
@@ -66,4 +75,18 @@ pub async fn proxy(
         .tcp_connections_closed
         .get_or_create(&labels)
         .inc();
+}
+
+/// Connects from `source` when the cluster asks for it (inbound passthrough binds 127.0.0.6).
+async fn connect(dst: SocketAddr, source: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(dst).await;
+    };
+    let socket = if dst.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(dst).await
 }
