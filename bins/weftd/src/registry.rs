@@ -78,6 +78,9 @@ pub struct Service {
     pub hostname: String,
     pub name: String,
     pub namespace: String,
+    /// Virtual addresses clients connect to: a Service's ClusterIP, a ServiceEntry's `addresses`.
+    /// Captured TCP is told apart by these, as it carries no host name.
+    pub addresses: Vec<String>,
     pub ports: Vec<Port>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -150,6 +153,13 @@ impl Registry {
                     hostname,
                     name,
                     namespace: ns,
+                    addresses: svc
+                        .spec
+                        .cluster_ip
+                        .iter()
+                        .filter(|ip| !ip.is_empty() && *ip != "None")
+                        .cloned()
+                        .collect(),
                     ports,
                     endpoints,
                 },
@@ -184,6 +194,7 @@ impl Registry {
                         hostname: host.clone(),
                         name,
                         namespace: ns.clone(),
+                        addresses: se.spec.addresses.clone(),
                         ports: ports.clone(),
                         endpoints: endpoints.clone(),
                     },

@@ -22,15 +22,17 @@ use weft_xds::{
                 accesslog::v3::{AccessLog, access_log},
                 cluster::v3::{Cluster, OutlierDetection, cluster},
                 core::v3::{
-                    Address, AggregatedConfigSource, ConfigSource, DataSource, HeaderValue,
-                    HeaderValueOption, HealthStatus, Http2ProtocolOptions, Locality, Metadata,
-                    SocketAddress, TrafficDirection, address, config_source, data_source,
+                    Address, AggregatedConfigSource, BindConfig, ConfigSource, DataSource,
+                    HeaderValue, HeaderValueOption, HealthStatus, Http2ProtocolOptions, Locality,
+                    Metadata, SocketAddress, TrafficDirection, address, config_source, data_source,
                     header_value_option::HeaderAppendAction, socket_address,
                 },
                 endpoint::v3::{
                     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
                 },
-                listener::v3::{ApiListener, Filter, FilterChain, Listener, filter},
+                listener::v3::{
+                    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter,
+                },
                 route::v3::{
                     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction,
                     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
@@ -97,6 +99,8 @@ pub struct Proxy {
     pub labels: BTreeMap<String, String>,
     /// `GENERATOR: grpc` marks a proxyless gRPC client, which asks for API listeners by `<host>:<port>`.
     pub proxyless_grpc: bool,
+    /// `INTERCEPTION_MODE: REDIRECT`: iptables sends all the pod's TCP to 15001 and 15006.
+    pub captured: bool,
 }
 
 impl Proxy {
@@ -116,6 +120,7 @@ impl Proxy {
                 .map_or(id.namespace, str::to_string),
             labels,
             proxyless_grpc: node.meta_str("GENERATOR") == Some("grpc"),
+            captured: node.meta_str("INTERCEPTION_MODE") == Some("REDIRECT"),
         })
     }
 }
@@ -192,6 +197,10 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         return snap;
     }
 
+    if proxy.captured {
+        capture::generate(model, proxy, sidecar, &visible, &mut snap);
+        return snap;
+    }
     let Some(sidecar) = sidecar else { return snap };
     let bind_default = proxy.ip.to_string();
     for ingress in &sidecar.spec.ingress {
@@ -215,38 +224,7 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         cluster.metadata = Some(services_metadata(model, proxy, port));
         snap.insert(&cluster_name, &cluster);
         let listener_name = format!("{bind}_{port}");
-        let chain = if protocol.is_http() {
-            let route = RouteConfiguration {
-                name: cluster_name.clone(),
-                virtual_hosts: vec![VirtualHost {
-                    name: format!("inbound|http|{port}"),
-                    domains: vec!["*".into()],
-                    routes: vec![Route {
-                        r#match: Some(prefix_match("/")),
-                        action: Some(route::Action::Route(RouteAction {
-                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                                cluster_name.clone(),
-                            )),
-                            timeout: Some(duration(std::time::Duration::ZERO)),
-                            ..Default::default()
-                        })),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            hcm_filter(
-                &listener_name,
-                http_connection_manager::RouteSpecifier::RouteConfig(route),
-                &model.mesh,
-            )
-        } else {
-            tcp_proxy_filter(
-                &listener_name,
-                tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone()),
-            )
-        };
+        let chain = inbound_filter(&listener_name, port, &cluster_name, protocol, &model.mesh);
         snap.insert(
             &listener_name,
             &listener(
@@ -595,6 +573,48 @@ fn services_metadata(model: &Model, proxy: &Proxy, port: u16) -> Metadata {
         "services".to_string(),
         Value::Array(services),
     )]))
+}
+
+/// The filter that hands inbound traffic for `port` to its inbound cluster: HTTP through a route that
+/// matches everything, anything else through the TCP proxy.
+fn inbound_filter(
+    stat_prefix: &str,
+    port: u16,
+    cluster_name: &str,
+    protocol: Protocol,
+    mesh: &MeshOptions,
+) -> Filter {
+    if !protocol.is_http() {
+        return tcp_proxy_filter(
+            stat_prefix,
+            tcp_proxy::ClusterSpecifier::Cluster(cluster_name.to_string()),
+        );
+    }
+    let route = RouteConfiguration {
+        name: cluster_name.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: format!("inbound|http|{port}"),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(prefix_match("/")),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        cluster_name.to_string(),
+                    )),
+                    timeout: Some(duration(std::time::Duration::ZERO)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    hcm_filter(
+        stat_prefix,
+        http_connection_manager::RouteSpecifier::RouteConfig(route),
+        mesh,
+    )
 }
 
 fn listener(
@@ -1096,5 +1116,6 @@ pub(crate) fn sidecar_selects(sc: &Object<SidecarSpec>, proxy: &Proxy) -> Option
     }
 }
 
+mod capture;
 #[cfg(test)]
 mod tests;

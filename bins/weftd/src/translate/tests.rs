@@ -20,6 +20,7 @@ fn proxy(app: &str, ip: &str) -> Proxy {
         namespace: "demo".into(),
         labels: [("app".to_string(), app.to_string())].into(),
         proxyless_grpc: false,
+        captured: false,
     }
 }
 
@@ -165,4 +166,47 @@ fn proxy_identity_comes_from_the_istio_node() {
             ..proxy("frontend", "127.0.0.10")
         }
     );
+}
+
+#[test]
+fn captured_proxies_get_virtual_listeners_as_istiod_generates_them() {
+    let mut p = proxy("backend", "127.0.0.21");
+    p.captured = true;
+    let snap = generate(&model(), &p);
+    let listeners: Vec<&str> = snap
+        .names(weft_xds::type_url::LISTENER)
+        .into_iter()
+        .collect();
+    assert_eq!(
+        listeners,
+        ["0.0.0.0_9080", "virtualInbound", "virtualOutbound"]
+    );
+    let outbound: Listener = snap.get("virtualOutbound").expect("virtualOutbound");
+    assert_eq!(
+        outbound.use_original_dst,
+        Some(wkt::BoolValue { value: true })
+    );
+    let http: Listener = snap.get("0.0.0.0_9080").expect("http listener");
+    assert_eq!(http.bind_to_port, Some(wkt::BoolValue { value: false }));
+    // Inbound: the served port gets its own chain, then passthrough for the rest.
+    let inbound: Listener = snap.get("virtualInbound").expect("virtualInbound");
+    let ports: Vec<Option<u32>> = inbound
+        .filter_chains
+        .iter()
+        .map(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .and_then(|m| m.destination_port.as_ref())
+                .map(|p| p.value)
+        })
+        .collect();
+    assert_eq!(ports, [Some(9080), None]);
+    for cluster in [
+        "PassthroughCluster",
+        "BlackHoleCluster",
+        "InboundPassthroughCluster",
+        "inbound|9080||",
+    ] {
+        assert!(snap.get::<Cluster>(cluster).is_some(), "{cluster} missing");
+    }
 }
