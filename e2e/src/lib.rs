@@ -118,3 +118,158 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> anyhow::Result<std::net::
         .context("SO_ORIGINAL_DST")?;
     addr.as_socket().context("not an IP address")
 }
+
+/// A bridge in its own namespace that pods attach to, like a node's pod network.
+#[derive(Debug)]
+pub struct Network {
+    ns: Netns,
+    next_if: AtomicU32,
+}
+
+impl Network {
+    pub fn new() -> anyhow::Result<Self> {
+        let ns = Netns::new("net")?;
+        ns.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        ns.exec(&["ip", "link", "set", "br0", "up"])?;
+        Ok(Self {
+            ns,
+            next_if: AtomicU32::new(0),
+        })
+    }
+
+    /// Attaches `pod` to the bridge with `ip`/24, with a default route out of that interface so traffic to
+    /// any address (a service VIP, an outside host) has somewhere to go before capture takes it.
+    pub fn attach(&self, pod: &Netns, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let n = self.next_if.fetch_add(1, Ordering::Relaxed);
+        let (inner, outer) = (
+            format!("eth{n}"),
+            format!("veth{}x{n}", std::process::id() % 100_000),
+        );
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &inner,
+            "netns",
+            &pod.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &outer,
+            "netns",
+            &self.ns.name,
+        ]))?;
+        self.ns
+            .exec(&["ip", "link", "set", &outer, "master", "br0"])?;
+        self.ns.exec(&["ip", "link", "set", &outer, "up"])?;
+        pod.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", &inner])?;
+        pod.exec(&["ip", "link", "set", &inner, "up"])?;
+        pod.exec(&["ip", "route", "add", "default", "dev", &inner])?;
+        Ok(())
+    }
+}
+
+/// A child process, killed when dropped.
+#[derive(Debug)]
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Answers every HTTP/1.1 request on `listener` with `200` and `<name> <path>` as the body.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let body = format!("{name} {path}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// Echoes bytes back prefixed by `name:`.
+pub async fn serve_echo(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0
+                    || s.write_all(
+                        format!("{name}:{}", String::from_utf8_lossy(&buf[..n])).as_bytes(),
+                    )
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// One HTTP/1.1 request, the way an application that knows nothing of the mesh sends it.
+pub async fn http_get(
+    addr: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await??;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_string(&mut out),
+    )
+    .await??;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}

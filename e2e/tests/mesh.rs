@@ -1,0 +1,271 @@
+//! The mesh as it runs in pods: each pod is a network namespace with the capture rules of
+//! `weft-proxy iptables` and a `weft-proxy` running as uid 1337 in REDIRECT mode; weftd runs in its own
+//! namespace. The applications know nothing of the proxies.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use weft_e2e::{Netns, Network, Process, http_get, serve_echo, serve_http};
+
+/// Speaks first, as MySQL and SMTP servers do.
+async fn serve_banner(listener: TcpListener, name: &'static str) -> anyhow::Result<()> {
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move { s.write_all(format!("{name} hello\n").as_bytes()).await });
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name)
+}
+
+const CONTROL: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 1);
+const VIP: &str = "10.96.0.10";
+const HOST: &str = "backend.test.svc.cluster.local";
+
+fn manifests() -> String {
+    let pod = |name: &str, version: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: test, labels: {{app: backend, version: {version}}}}}\n"
+        )
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: backend, namespace: test}}
+spec:
+  clusterIP: {VIP}
+  ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: tcp-echo, port: 7070, targetPort: 7070}}, {{name: mysql, port: 3306, targetPort: 3306}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: backend-1, namespace: test, labels: {{kubernetes.io/service-name: backend}}}}
+ports: [{{name: http, port: 8080}}, {{name: tcp-echo, port: 7070}}, {{name: mysql, port: 3306}}]
+endpoints:
+- {{addresses: ["10.98.0.21"], targetRef: {{kind: Pod, name: backend-v1}}}}
+- {{addresses: ["10.98.0.22"], targetRef: {{kind: Pod, name: backend-v2}}}}
+{}{}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: backend, namespace: test}}
+spec:
+  host: backend
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: backend, namespace: test}}
+spec:
+  hosts: [backend]
+  http:
+  - match: [{{headers: {{x-canary: {{exact: "yes"}}}}}}]
+    route: [{{destination: {{host: backend, subset: v2}}}}]
+  - match: [{{uri: {{prefix: /split}}}}]
+    route:
+    - {{destination: {{host: backend, subset: v1}}, weight: 50}}
+    - {{destination: {{host: backend, subset: v2}}, weight: 50}}
+  - route: [{{destination: {{host: backend, subset: v1}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: locked, namespace: test}}
+spec:
+  workloadSelector: {{labels: {{app: locked}}}}
+  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}
+"#,
+        pod("backend-v1", "v1"),
+        pod("backend-v2", "v2"),
+    )
+}
+
+/// A pod: its namespace, the capture rules, and its proxy running as the proxy user.
+fn pod(
+    network: &Network,
+    name: &str,
+    ip: Ipv4Addr,
+    labels: &str,
+) -> anyhow::Result<(Netns, Process)> {
+    let ns = Netns::new(name)?;
+    network.attach(&ns, ip)?;
+    ns.exec(&[bin("weft-proxy").to_str().expect("utf-8"), "iptables"])?;
+    let proxy = ns
+        .command("setpriv")
+        .args(["--reuid=1337", "--regid=1337", "--clear-groups"])
+        .arg(bin("weft-proxy"))
+        .args(["--xds-address", &format!("http://{CONTROL}:15010")])
+        .env("POD_NAME", format!("{name}-0"))
+        .env("POD_NAMESPACE", "test")
+        .env("INSTANCE_IP", ip.to_string())
+        .env("ISTIO_METAJSON_LABELS", labels)
+        .env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    Ok((ns, Process(proxy)))
+}
+
+/// Retries `f` until it succeeds, for a bounded time: config reaches proxies asynchronously.
+async fn eventually<T, Fut: Future<Output = anyhow::Result<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() > until => {
+                panic!("{what}: still failing after 20s: {e:#}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[test]
+fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
+    for b in ["weftd", "weft-proxy"] {
+        assert!(
+            bin(b).exists(),
+            "build {b} first (cargo build --bin {b}); cargo xtask test does"
+        );
+    }
+    let network = Network::new()?;
+    let control = Netns::new("control")?;
+    network.attach(&control, CONTROL)?;
+    let dir = std::env::temp_dir().join(format!("weft-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("mesh.yaml"), manifests())?;
+    let _weftd = Process(
+        control
+            .command(bin("weftd").to_str().expect("utf-8"))
+            .args(["--config-dir", dir.to_str().expect("utf-8")])
+            .args([
+                "--xds-address",
+                &format!("{CONTROL}:15010"),
+                "--monitoring-address",
+                &format!("{CONTROL}:15014"),
+            ])
+            .env("RUST_LOG", "warn")
+            .spawn()?,
+    );
+    // Something outside the mesh, for passthrough.
+    let outside = control.spawn(|| async {
+        serve_http(TcpListener::bind("10.98.0.1:7000").await?, "outside").await
+    });
+
+    let (v1, _p1) = pod(
+        &network,
+        "backend-v1",
+        Ipv4Addr::new(10, 98, 0, 21),
+        r#"{"app":"backend","version":"v1"}"#,
+    )?;
+    let (v2, _p2) = pod(
+        &network,
+        "backend-v2",
+        Ipv4Addr::new(10, 98, 0, 22),
+        r#"{"app":"backend","version":"v2"}"#,
+    )?;
+    let (client, _pc) = pod(
+        &network,
+        "client",
+        Ipv4Addr::new(10, 98, 0, 11),
+        r#"{"app":"client"}"#,
+    )?;
+    let (locked, _pl) = pod(
+        &network,
+        "locked",
+        Ipv4Addr::new(10, 98, 0, 12),
+        r#"{"app":"locked"}"#,
+    )?;
+    // The apps listen on every address, as containers do; inbound capture hands them their traffic.
+    let _apps: Vec<_> = [(&v1, "v1"), (&v2, "v2")]
+        .into_iter()
+        .map(|(ns, name)| {
+            ns.spawn(move || async move {
+                let http = TcpListener::bind("0.0.0.0:8080").await?;
+                let echo = TcpListener::bind("0.0.0.0:7070").await?;
+                let banner = TcpListener::bind("0.0.0.0:3306").await?;
+                tokio::try_join!(
+                    serve_http(http, name),
+                    serve_echo(echo, name),
+                    serve_banner(banner, name)
+                )?;
+                Ok(())
+            })
+        })
+        .collect();
+
+    let results = client.spawn(|| async {
+        let vip = format!("{VIP}:9080");
+        // A routing rule: the default route goes to v1, the canary header to v2.
+        let (status, body) = eventually("HTTP through both proxies", || {
+            http_get(&vip, HOST, "/hello", &[])
+        })
+        .await;
+        assert_eq!((status, body.as_str()), (200, "v1 /hello"));
+        let (_, body) = http_get(&vip, HOST, "/hello", &[("x-canary", "yes")]).await?;
+        assert_eq!(body, "v2 /hello");
+        // A weighted split.
+        let mut v2 = 0;
+        for _ in 0..40 {
+            let (status, body) = http_get(&vip, HOST, "/split", &[]).await?;
+            assert_eq!(status, 200);
+            v2 += usize::from(body.starts_with("v2"));
+        }
+        assert!((5..35).contains(&v2), "a 50/50 split sent {v2} of 40 to v2");
+        // Raw TCP to the service address on a tcp- port.
+        let echoed = eventually("TCP through both proxies", || async {
+            let mut s = TcpStream::connect(format!("{VIP}:7070")).await?;
+            s.write_all(b"ping").await?;
+            let mut buf = [0u8; 7];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+            anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+        })
+        .await;
+        assert!(echoed == "v1:ping" || echoed == "v2:ping", "{echoed}");
+        // A server-first protocol on a port declared as TCP (`mysql`): the greeting arrives although the
+        // client has sent nothing, so nothing waits to sniff the client's first bytes.
+        let greeting = eventually("server-first TCP", || async {
+            let mut s = TcpStream::connect(format!("{VIP}:3306")).await?;
+            let mut buf = [0u8; 9];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+            anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+        })
+        .await;
+        assert!(
+            greeting == "v1 hello\n" || greeting == "v2 hello\n",
+            "{greeting:?}"
+        );
+        // Passthrough: an address outside the mesh is reached as it is.
+        let (status, body) = eventually("passthrough", || {
+            http_get("10.98.0.1:7000", "outside", "/x", &[])
+        })
+        .await;
+        assert_eq!((status, body.as_str()), (200, "outside /x"));
+        anyhow::Ok(())
+    });
+    results.join().expect("client thread")?;
+
+    // REGISTRY_ONLY: the same outside address is refused, while mesh services still work.
+    let locked_results = locked.spawn(|| async {
+        let vip = format!("{VIP}:9080");
+        eventually("the mesh from the locked pod", || {
+            http_get(&vip, HOST, "/", &[])
+        })
+        .await;
+        let refused = http_get("10.98.0.1:7000", "outside", "/x", &[]).await;
+        assert!(
+            refused.is_err(),
+            "REGISTRY_ONLY let an unknown destination through: {refused:?}"
+        );
+        anyhow::Ok(())
+    });
+    locked_results.join().expect("locked thread")?;
+    drop(outside);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
