@@ -40,7 +40,7 @@ kind: Service
 metadata: {{name: backend, namespace: test}}
 spec:
   clusterIP: {VIP}
-  ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: tcp-echo, port: 7070, targetPort: 7070}}, {{name: mysql, port: 3306, targetPort: 3306}}]
+  ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: tcp-echo, port: 7070, targetPort: 7070}}, {{name: mysql, port: 3306, targetPort: 3306}}, {{name: web, port: 8081, targetPort: 8080}}, {{name: raw, port: 7071, targetPort: 7070}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -240,6 +240,23 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
             greeting == "v1 hello\n" || greeting == "v2 hello\n",
             "{greeting:?}"
         );
+        // Ports with no declared protocol are sniffed: HTTP gets L7 routing (the header rule sends this
+        // to v2), and anything else is carried as TCP.
+        let web = format!("{VIP}:8081");
+        let (_, body) = eventually("sniffed HTTP", || {
+            http_get(&web, HOST, "/sniffed", &[("x-canary", "yes")])
+        })
+        .await;
+        assert_eq!(body, "v2 /sniffed");
+        let echoed = eventually("sniffed TCP", || async {
+            let mut s = TcpStream::connect(format!("{VIP}:7071")).await?;
+            s.write_all(b"ping").await?;
+            let mut buf = [0u8; 7];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+            anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+        })
+        .await;
+        assert!(echoed.ends_with(":ping"), "{echoed}");
         // Passthrough: an address outside the mesh is reached as it is.
         let (status, body) = eventually("passthrough", || {
             http_get("10.98.0.1:7000", "outside", "/x", &[])

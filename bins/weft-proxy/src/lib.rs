@@ -8,6 +8,7 @@ mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;
+mod detect;
 mod http;
 pub mod iptables;
 mod lb;

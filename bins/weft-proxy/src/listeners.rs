@@ -11,6 +11,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     Ctx,
+    detect::{self, Detected},
     http::{self, ConnInfo},
     model::{ListenerConfig, ListenerKind},
     state::ProxyState,
@@ -126,18 +127,22 @@ async fn accept_loop(
             .then(|| original_dst(&stream))
             .flatten();
         let target = original_dst.unwrap_or(addr);
-        let (config, kind) = match resolve(&state, own, target) {
-            Some((config, kind)) => (config.clone(), kind.clone()),
-            None => {
-                debug!(%peer, %target, listener = %own.name, "no filter chain for this destination; closing");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let config = resolve(&state, own, target).clone();
         let ctx = ctx.clone();
         let stop = stop.clone();
         conns.spawn(async move {
             let drain = ctx.drain.clone();
+            let _ = stream.set_nodelay(true);
+            // Wait for the first bytes only where the chain depends on them, and never past the timeout.
+            let detected = if config.needs_detection(target.port()) {
+                Some(sniff(&stream, config.detect_timeout).await)
+            } else {
+                None
+            };
+            let Some(kind) = config.chain_for(target.port(), detected.as_ref()).cloned() else {
+                debug!(%peer, %target, listener = %config.name, ?detected, "no filter chain for this connection; closing");
+                return;
+            };
             match kind {
                 ListenerKind::Tcp(tcp) => {
                     tcp::proxy(stream, peer, target, &config.name, config.inbound, &tcp, &ctx).await
@@ -177,12 +182,12 @@ fn original_dst(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
 }
 
 /// Envoy's `use_original_dst` choice: an unbound listener for exactly the destination, then one for
-/// `0.0.0.0:<port>`, then the capture listener's own chains, each by destination port.
+/// `0.0.0.0:<port>`, else the capture listener itself.
 fn resolve<'a>(
     state: &'a ProxyState,
     own: &'a ListenerConfig,
     target: SocketAddr,
-) -> Option<(&'a ListenerConfig, &'a ListenerKind)> {
+) -> &'a ListenerConfig {
     if own.use_original_dst {
         let unbound = |want: SocketAddr| {
             state
@@ -192,8 +197,38 @@ fn resolve<'a>(
         };
         let wildcard = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), target.port());
         if let Some(l) = unbound(target).or_else(|| unbound(wildcard)) {
-            return l.chain_for(target.port()).map(|k| (l, k));
+            return l;
         }
     }
-    own.chain_for(target.port()).map(|k| (own, k))
+    own
+}
+
+/// Peeks at the first bytes until they settle the protocol, the peek buffer is full, or `timeout`
+/// passes (then the connection is taken as undetected, as Envoy's `continue_on_listener_filters_timeout`).
+async fn sniff(stream: &tokio::net::TcpStream, timeout: std::time::Duration) -> Detected {
+    let mut buf = vec![0u8; detect::MAX_PEEK];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return Detected::Unknown,
+        };
+        match detect::detect(&buf[..n]) {
+            detect::Progress::Done(d) => return d,
+            // The peer closed, or sent all it will before we may wait longer.
+            _ if n == 0 || n == buf.len() => return Detected::Unknown,
+            detect::Progress::NeedMore => {
+                // Peek returns at once while bytes are queued; give the peer a moment to send more.
+                if tokio::time::timeout_at(
+                    deadline,
+                    tokio::time::sleep(std::time::Duration::from_millis(1)),
+                )
+                .await
+                .is_err()
+                {
+                    return Detected::Unknown;
+                }
+            }
+        }
+    }
 }

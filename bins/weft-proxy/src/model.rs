@@ -9,6 +9,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use prost::{Message, Name};
 use regex::Regex;
 use serde::Serialize;
+
+use crate::detect::Detected;
 use weft_xds::{
     pb::{
         envoy::{
@@ -19,7 +21,7 @@ use weft_xds::{
                     header_value_option::HeaderAppendAction, socket_address,
                 },
                 endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
-                listener::v3::{FilterChainMatch, Listener, filter},
+                listener::v3::{FilterChainMatch, Listener, filter, listener_filter},
                 route::v3::{
                     HeaderMatcher, RouteConfiguration, RouteMatch, header_matcher,
                     query_parameter_matcher, redirect_action, route, route_action, route_match,
@@ -29,6 +31,10 @@ use weft_xds::{
                 access_loggers::file::v3::FileAccessLog,
                 filters::{
                     http::router::v3::Router,
+                    listener::{
+                        http_inspector::v3::HttpInspector, original_dst::v3::OriginalDst,
+                        tls_inspector::v3::TlsInspector,
+                    },
                     network::{
                         http_connection_manager::v3::{
                             HttpConnectionManager, http_connection_manager, http_filter,
@@ -142,6 +148,10 @@ pub struct ListenerConfig {
     /// A capture listener (15001, 15006): it hands each connection to the listener for the connection's
     /// original destination, as Envoy's `use_original_dst` does, or else to its own chains.
     pub use_original_dst: bool,
+    /// Listener filters `http_inspector`/`tls_inspector`: chains may be picked by the first bytes.
+    pub inspect: bool,
+    /// How long to wait for the first bytes before going on without them.
+    pub detect_timeout: Duration,
     pub chains: Vec<FilterChainConfig>,
 }
 
@@ -149,6 +159,9 @@ pub struct ListenerConfig {
 pub struct FilterChainConfig {
     /// Taken only by connections to this port (`filter_chain_match.destination_port`); `None` takes the rest.
     pub destination_port: Option<u16>,
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
     pub kind: ListenerKind,
 }
 
@@ -198,9 +211,35 @@ impl TryFrom<&Listener> for ListenerConfig {
                 "API listeners are for proxyless gRPC clients, not a proxy",
             ));
         }
-        if !l.listener_filters.is_empty() {
-            return Err(unsupported(K, name, "listener_filters"));
+        let mut inspect = false;
+        let mut original_dst_filter = false;
+        for (i, f) in l.listener_filters.iter().enumerate() {
+            let field = format!("listener_filters[{i}] {}", f.name);
+            if f.filter_disabled.is_some() {
+                return Err(unsupported(K, name, &format!("{field}.filter_disabled")));
+            }
+            let Some(listener_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                return Err(reject(K, name, field, "typed_config is required"));
+            };
+            if any.type_url == HttpInspector::type_url() || any.type_url == TlsInspector::type_url()
+            {
+                inspect = true;
+            } else if any.type_url == OriginalDst::type_url() {
+                original_dst_filter = true;
+            } else {
+                return Err(reject(
+                    K,
+                    name,
+                    field,
+                    format!("unsupported listener filter {}", any.type_url),
+                ));
+            }
         }
+        // Envoy's default is 15s; Istio sets its own. On timeout the connection goes on undetected.
+        let detect_timeout = l
+            .listener_filters_timeout
+            .as_ref()
+            .map_or(Duration::from_secs(15), to_duration);
         if l.filter_chain_matcher.is_some() || l.default_filter_chain.is_some() {
             return Err(unsupported(
                 K,
@@ -229,16 +268,19 @@ impl TryFrom<&Listener> for ListenerConfig {
             let destination_port = match &chain.filter_chain_match {
                 None => None,
                 Some(m) => {
-                    let only_port = FilterChainMatch {
+                    let supported = FilterChainMatch {
                         destination_port: m.destination_port,
+                        server_names: m.server_names.clone(),
+                        transport_protocol: m.transport_protocol.clone(),
+                        application_protocols: m.application_protocols.clone(),
                         ..Default::default()
                     };
-                    if *m != only_port {
+                    if *m != supported {
                         return Err(reject(
                             K,
                             name,
                             field("filter_chain_match"),
-                            "only destination_port is supported",
+                            "only destination_port, server_names, transport_protocol and application_protocols are supported",
                         ));
                     }
                     match m.destination_port.as_ref() {
@@ -288,8 +330,12 @@ impl TryFrom<&Listener> for ListenerConfig {
                     format!("unsupported network filter {}", any.type_url),
                 ));
             };
+            let m = chain.filter_chain_match.clone().unwrap_or_default();
             chains.push(FilterChainConfig {
                 destination_port,
+                server_names: m.server_names,
+                transport_protocol: Some(m.transport_protocol).filter(|t| !t.is_empty()),
+                application_protocols: m.application_protocols,
                 kind,
             });
         }
@@ -298,21 +344,70 @@ impl TryFrom<&Listener> for ListenerConfig {
             address,
             inbound: l.traffic_direction == 1,
             bind: l.bind_to_port.as_ref().is_none_or(|b| b.value),
-            use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
+            use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value)
+                || original_dst_filter,
+            inspect,
+            detect_timeout,
             chains,
         })
     }
 }
 
 impl ListenerConfig {
-    /// The filter chain for a connection to `port`: one matching the port, else one without a match.
-    pub fn chain_for(&self, port: u16) -> Option<&ListenerKind> {
-        let exact = self
-            .chains
-            .iter()
-            .find(|c| c.destination_port == Some(port));
-        exact
-            .or_else(|| self.chains.iter().find(|c| c.destination_port.is_none()))
+    /// The chains Envoy would consider for `port`: those for the port if any, else those for any port.
+    fn candidates(&self, port: u16) -> impl Iterator<Item = &FilterChainConfig> {
+        let for_port = self.chains.iter().any(|c| c.destination_port == Some(port));
+        self.chains.iter().filter(move |c| {
+            if for_port {
+                c.destination_port == Some(port)
+            } else {
+                c.destination_port.is_none()
+            }
+        })
+    }
+
+    /// Whether picking a chain for `port` depends on what the first bytes say. Only then does the proxy
+    /// wait for them, so server-first protocols on ports declared as TCP never stall.
+    pub fn needs_detection(&self, port: u16) -> bool {
+        self.inspect
+            && self.candidates(port).any(|c| {
+                !c.application_protocols.is_empty()
+                    || c.transport_protocol.is_some()
+                    || !c.server_names.is_empty()
+            })
+    }
+
+    /// Envoy's chain selection: destination port, then server name, transport protocol and application
+    /// protocol, the most specific match winning at each step.
+    pub fn chain_for(&self, port: u16, detected: Option<&Detected>) -> Option<&ListenerKind> {
+        let transport = detected.map_or("raw_buffer", Detected::transport_protocol);
+        let protocols = detected
+            .map(Detected::application_protocols)
+            .unwrap_or_default();
+        let sni = detected.and_then(Detected::server_name);
+        self.candidates(port)
+            .filter(|c| {
+                c.server_names.is_empty()
+                    || sni.is_some_and(|n| c.server_names.iter().any(|s| s == n))
+            })
+            .filter(|c| {
+                c.transport_protocol
+                    .as_deref()
+                    .is_none_or(|t| t == transport)
+            })
+            .filter(|c| {
+                c.application_protocols.is_empty()
+                    || c.application_protocols
+                        .iter()
+                        .any(|p| protocols.contains(p))
+            })
+            .max_by_key(|c| {
+                (
+                    !c.server_names.is_empty(),
+                    c.transport_protocol.is_some(),
+                    !c.application_protocols.is_empty(),
+                )
+            })
             .map(|c| &c.kind)
     }
 }

@@ -22,12 +22,13 @@ pub enum Protocol {
     Http2,
     Grpc,
     Tcp,
+    /// Nothing declared: under capture the proxy sniffs the first bytes, as Istio does.
+    Auto,
 }
 
 impl Protocol {
     /// From `appProtocol` first, then the port name's prefix up to the first `-` (`http-web`, `grpc`),
-    /// then a declared protocol (ServiceEntry, Sidecar). Unknown means TCP: Weft does not sniff protocols
-    /// in explicit-listener mode, so plain TCP is the safe choice (it never stalls server-first protocols).
+    /// then a declared protocol (ServiceEntry, Sidecar). Otherwise [`Protocol::Auto`].
     pub fn infer(name: Option<&str>, app_protocol: Option<&str>, declared: Option<&str>) -> Self {
         let by_word = |w: &str| match w.to_ascii_lowercase().as_str() {
             "http" | "http-web" | "http1" => Some(Self::Http),
@@ -40,11 +41,13 @@ impl Protocol {
             .and_then(by_word)
             .or_else(|| name.and_then(|n| by_word(n.split('-').next().unwrap_or(n))))
             .or_else(|| declared.and_then(by_word))
-            .unwrap_or(Self::Tcp)
+            .unwrap_or(Self::Auto)
     }
 
+    /// Declared HTTP of some kind. Auto is not: explicit listeners cannot sniff, so they carry it as TCP,
+    /// which never stalls a server-first protocol.
     pub fn is_http(self) -> bool {
-        self != Self::Tcp
+        matches!(self, Self::Http | Self::Http2 | Self::Grpc)
     }
 
     pub fn is_http2(self) -> bool {
@@ -297,7 +300,8 @@ mod tests {
             (Some("mysql"), None, None, Tcp),
             (Some("web"), Some("http"), None, Http),
             (Some("web"), Some("kubernetes.io/h2c"), None, Http2),
-            (Some("web"), None, None, Tcp),
+            (Some("web"), None, None, Auto),
+            (None, None, None, Auto),
             (Some("api"), None, Some("GRPC"), Grpc),
         ] {
             assert_eq!(

@@ -5,12 +5,23 @@
 use std::collections::BTreeSet;
 
 use super::*;
+use weft_xds::pb::envoy::{
+    config::listener::v3::{ListenerFilter, listener_filter},
+    extensions::filters::listener::{
+        http_inspector::v3::HttpInspector, tls_inspector::v3::TlsInspector,
+    },
+};
 
 pub(super) const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 pub(super) const VIRTUAL_INBOUND: &str = "virtualInbound";
 pub(super) const PASSTHROUGH: &str = "PassthroughCluster";
 pub(super) const BLACKHOLE: &str = "BlackHoleCluster";
 pub(super) const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
+/// How long a captured connection on an undeclared port may keep its first bytes to itself before it is
+/// carried as plain TCP. Short, so server-first protocols on such ports wait only this long.
+const PROTOCOL_DETECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+/// What the inspectors report for HTTP, as filter chains match it.
+const HTTP_PROTOCOLS: [&str; 3] = ["http/1.1", "http/1.0", "h2c"];
 const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 const INBOUND_CAPTURE_PORT: u16 = 15006;
 /// The source address of inbound passthrough connections, which the capture rules let through.
@@ -60,6 +71,37 @@ fn chain(destination_port: Option<u16>, filter: Filter) -> FilterChain {
         filters: vec![filter],
         ..Default::default()
     }
+}
+
+/// The chain that takes connections the inspectors found to be HTTP.
+fn http_chain(destination_port: Option<u16>, filter: Filter) -> FilterChain {
+    let mut c = chain(destination_port, filter);
+    let m = c.filter_chain_match.get_or_insert_with(Default::default);
+    m.application_protocols = HTTP_PROTOCOLS.map(String::from).to_vec();
+    c
+}
+
+/// Inspect the first bytes (HTTP request line or preface, TLS ClientHello), but not for long.
+fn with_inspectors(mut l: Listener) -> Listener {
+    l.listener_filters = vec![
+        ListenerFilter {
+            name: "envoy.filters.listener.http_inspector".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
+                &HttpInspector::default(),
+            ))),
+            ..Default::default()
+        },
+        ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
+                &TlsInspector::default(),
+            ))),
+            ..Default::default()
+        },
+    ];
+    l.listener_filters_timeout = Some(duration(PROTOCOL_DETECTION_TIMEOUT));
+    l.continue_on_listener_filters_timeout = true;
+    l
 }
 
 fn capture_listener(
@@ -115,8 +157,24 @@ pub(super) fn generate(
             }
             for vip in &svc.addresses {
                 let name = format!("{vip}_{}", port.number);
-                let filter = tcp_proxy_filter(&name, tcp_destination(model, svc, port.number));
-                snap.insert(&name, &unbound_listener(&name, vip, port.number, filter));
+                let tcp = tcp_proxy_filter(&name, tcp_destination(model, svc, port.number));
+                let mut l = unbound_listener(&name, vip, port.number, tcp);
+                if port.protocol == Protocol::Auto {
+                    // Sniffed HTTP routes by Host like any HTTP port; anything else stays TCP.
+                    http_ports.insert(port.number);
+                    let rds = Rds {
+                        config_source: Some(ads()),
+                        route_config_name: port.number.to_string(),
+                    };
+                    let hcm = hcm_filter(
+                        &name,
+                        http_connection_manager::RouteSpecifier::Rds(rds),
+                        &model.mesh,
+                    );
+                    l.filter_chains.insert(0, http_chain(None, hcm));
+                    l = with_inspectors(l);
+                }
+                snap.insert(&name, &l);
             }
         }
     }
@@ -124,7 +182,10 @@ pub(super) fn generate(
         let route_name = port.to_string();
         let virtual_hosts = visible
             .iter()
-            .filter(|s| s.port(port).is_some_and(|p| p.protocol.is_http()))
+            .filter(|s| {
+                s.port(port)
+                    .is_some_and(|p| p.protocol.is_http() || p.protocol == Protocol::Auto)
+            })
             .map(|s| virtual_host(model, s, port, &proxy.namespace))
             .collect();
         snap.insert(
@@ -135,6 +196,12 @@ pub(super) fn generate(
                 ..Default::default()
             },
         );
+        let declared_http = visible
+            .iter()
+            .any(|s| s.port(port).is_some_and(|p| p.protocol.is_http()));
+        if !declared_http {
+            continue;
+        }
         let name = format!("0.0.0.0_{port}");
         let rds = Rds {
             config_source: Some(ads()),
