@@ -197,7 +197,20 @@ pub async fn serve_http(
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             }
-            let head = String::from_utf8_lossy(&buf);
+            let head = String::from_utf8_lossy(&buf).to_string();
+            if head.to_ascii_lowercase().contains("upgrade: websocket") {
+                // Accept the upgrade, then echo whatever arrives: enough to prove the tunnel.
+                let accept = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+                if s.write_all(accept.as_bytes()).await.is_err() {
+                    return;
+                }
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 || s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
             let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
             let body = format!("{name} {path}");
             let resp = format!(

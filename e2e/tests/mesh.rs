@@ -10,6 +10,35 @@ use tokio::{
 };
 use weft_e2e::{Netns, Network, Process, http_get, serve_echo, serve_http};
 
+/// The standard gRPC health service, reporting SERVING.
+async fn serve_grpc(listener: TcpListener) -> anyhow::Result<()> {
+    let (_reporter, service) = tonic_health::server::health_reporter();
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+/// One HTTP/2 request with prior knowledge, `authority` as `:authority`.
+async fn h2_get(addr: &str, authority: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{authority}{path}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await??;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// Speaks first, as MySQL and SMTP servers do.
 async fn serve_banner(listener: TcpListener, name: &'static str) -> anyhow::Result<()> {
     loop {
@@ -40,12 +69,12 @@ kind: Service
 metadata: {{name: backend, namespace: test}}
 spec:
   clusterIP: {VIP}
-  ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: tcp-echo, port: 7070, targetPort: 7070}}, {{name: mysql, port: 3306, targetPort: 3306}}, {{name: web, port: 8081, targetPort: 8080}}, {{name: raw, port: 7071, targetPort: 7070}}]
+  ports: [{{name: http, port: 9080, targetPort: 8080}}, {{name: tcp-echo, port: 7070, targetPort: 7070}}, {{name: mysql, port: 3306, targetPort: 3306}}, {{name: web, port: 8081, targetPort: 8080}}, {{name: raw, port: 7071, targetPort: 7070}}, {{name: grpc, port: 9090, targetPort: 9090}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: backend-1, namespace: test, labels: {{kubernetes.io/service-name: backend}}}}
-ports: [{{name: http, port: 8080}}, {{name: tcp-echo, port: 7070}}, {{name: mysql, port: 3306}}]
+ports: [{{name: http, port: 8080}}, {{name: tcp-echo, port: 7070}}, {{name: mysql, port: 3306}}, {{name: grpc, port: 9090}}]
 endpoints:
 - {{addresses: ["10.98.0.21"], targetRef: {{kind: Pod, name: backend-v1}}}}
 - {{addresses: ["10.98.0.22"], targetRef: {{kind: Pod, name: backend-v2}}}}
@@ -103,7 +132,11 @@ fn pod(
         .env("INSTANCE_IP", ip.to_string())
         .env("ISTIO_METAJSON_LABELS", labels)
         .env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
-        .env("RUST_LOG", "warn")
+        // WEFT_E2E_LOG=debug shows what the proxies did when a test fails.
+        .env(
+            "RUST_LOG",
+            std::env::var("WEFT_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .spawn()?;
     Ok((ns, Process(proxy)))
 }
@@ -189,11 +222,18 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
                 let http = TcpListener::bind("0.0.0.0:8080").await?;
                 let echo = TcpListener::bind("0.0.0.0:7070").await?;
                 let banner = TcpListener::bind("0.0.0.0:3306").await?;
-                tokio::try_join!(
+                let grpc = TcpListener::bind("0.0.0.0:9090").await?;
+                let served = tokio::try_join!(
                     serve_http(http, name),
                     serve_echo(echo, name),
-                    serve_banner(banner, name)
-                )?;
+                    serve_banner(banner, name),
+                    serve_grpc(grpc)
+                );
+                // These threads are never joined: say why an app stopped, or its test fails obscurely.
+                if let Err(e) = &served {
+                    eprintln!("app {name} stopped: {e:#}");
+                }
+                served?;
                 Ok(())
             })
         })
@@ -257,6 +297,33 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
         })
         .await;
         assert!(echoed.ends_with(":ping"), "{echoed}");
+        // gRPC, HTTP/2 on both hops, with a real gRPC client and server.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{VIP}:9090"))?
+            .origin(format!("http://{HOST}:9090").parse()?)
+            .connect_lazy();
+        let status = eventually("gRPC through both proxies", || {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            async move { anyhow::Ok(health.check(tonic_health::pb::HealthCheckRequest::default()).await?.into_inner().status()) }
+        })
+        .await;
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving);
+        // HTTP/2 with prior knowledge from the app to its proxy, HTTP/1.1 beyond.
+        let (status, body) = h2_get(&vip, &format!("{HOST}:9080"), "/h2").await?;
+        assert_eq!((status, body.as_str()), (200, "v1 /h2"));
+        // WebSocket: the upgrade goes through both proxies and bytes flow both ways afterwards.
+        let mut ws = TcpStream::connect(&vip).await?;
+        ws.write_all(format!("GET /ws HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").as_bytes()).await?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut byte)).await??;
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        ws.write_all(b"frames").await?;
+        let mut buf = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut buf)).await??;
+        assert_eq!(&buf, b"frames");
         // Passthrough: an address outside the mesh is reached as it is.
         let (status, body) = eventually("passthrough", || {
             http_get("10.98.0.1:7000", "outside", "/x", &[])

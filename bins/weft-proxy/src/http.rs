@@ -274,6 +274,7 @@ async fn route_and_forward(
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
     let Some(vh) = select_virtual_host(&table, authority) else {
+        debug!(authority, route_config = %table.name, "no virtual host for this authority (NR)");
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
     let Some(route) = vh
@@ -281,6 +282,7 @@ async fn route_and_forward(
         .iter()
         .find(|r| route_matches(r, req.method(), req.uri(), req.headers(), authority))
     else {
+        debug!(authority, virtual_host = %vh.name, path = req.uri().path(), "no route matches (NR)");
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
     let (mut resp, mut outcome) = match &route.action {

@@ -122,8 +122,7 @@ async fn accept_loop(
             continue;
         };
         // A capture listener hands the connection to the listener for where it was going.
-        let original_dst = own
-            .use_original_dst
+        let original_dst = (own.use_original_dst || own.restore_original_dst)
             .then(|| original_dst(&stream))
             .flatten();
         let target = original_dst.unwrap_or(addr);

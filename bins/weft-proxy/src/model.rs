@@ -145,9 +145,12 @@ pub struct ListenerConfig {
     /// False for listeners that only receive connections handed over by a capture listener (Envoy's
     /// `bind_to_port: false`), such as `0.0.0.0_9080` behind 15001.
     pub bind: bool,
-    /// A capture listener (15001, 15006): it hands each connection to the listener for the connection's
-    /// original destination, as Envoy's `use_original_dst` does, or else to its own chains.
+    /// The outbound capture listener (15001): it hands each connection to the listener for the
+    /// connection's original destination, as Envoy's `use_original_dst` does, or else to its own chains.
     pub use_original_dst: bool,
+    /// The `original_dst` listener filter (the inbound capture listener, 15006): chains are matched
+    /// against the connection's original destination, with no hand-off to other listeners.
+    pub restore_original_dst: bool,
     /// Listener filters `http_inspector`/`tls_inspector`: chains may be picked by the first bytes.
     pub inspect: bool,
     /// How long to wait for the first bytes before going on without them.
@@ -344,8 +347,8 @@ impl TryFrom<&Listener> for ListenerConfig {
             address,
             inbound: l.traffic_direction == 1,
             bind: l.bind_to_port.as_ref().is_none_or(|b| b.value),
-            use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value)
-                || original_dst_filter,
+            use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
+            restore_original_dst: original_dst_filter,
             inspect,
             detect_timeout,
             chains,

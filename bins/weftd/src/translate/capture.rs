@@ -8,7 +8,8 @@ use super::*;
 use weft_xds::pb::envoy::{
     config::listener::v3::{ListenerFilter, listener_filter},
     extensions::filters::listener::{
-        http_inspector::v3::HttpInspector, tls_inspector::v3::TlsInspector,
+        http_inspector::v3::HttpInspector, original_dst::v3::OriginalDst,
+        tls_inspector::v3::TlsInspector,
     },
 };
 
@@ -83,7 +84,7 @@ fn http_chain(destination_port: Option<u16>, filter: Filter) -> FilterChain {
 
 /// Inspect the first bytes (HTTP request line or preface, TLS ClientHello), but not for long.
 fn with_inspectors(mut l: Listener) -> Listener {
-    l.listener_filters = vec![
+    l.listener_filters.extend([
         ListenerFilter {
             name: "envoy.filters.listener.http_inspector".into(),
             config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
@@ -98,24 +99,43 @@ fn with_inspectors(mut l: Listener) -> Listener {
             ))),
             ..Default::default()
         },
-    ];
+    ]);
     l.listener_filters_timeout = Some(duration(PROTOCOL_DETECTION_TIMEOUT));
     l.continue_on_listener_filters_timeout = true;
     l
 }
 
+/// A capture listener. Outbound hands each connection to the listener for its original destination
+/// (`use_original_dst`); inbound only restores that destination to match its own chains against (the
+/// `original_dst` listener filter), so inbound traffic never lands on an outbound listener for the port.
 fn capture_listener(
     name: &str,
     port: u16,
     direction: TrafficDirection,
     chains: Vec<FilterChain>,
 ) -> Listener {
+    let inbound = direction == TrafficDirection::Inbound;
     Listener {
         name: name.to_string(),
         address: Some(socket_address("0.0.0.0", port)),
         filter_chains: chains,
-        use_original_dst: bool_value(true),
+        use_original_dst: bool_value(!inbound),
+        listener_filters: if inbound {
+            vec![original_dst_filter()]
+        } else {
+            vec![]
+        },
         traffic_direction: direction as i32,
+        ..Default::default()
+    }
+}
+
+fn original_dst_filter() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
+            &OriginalDst::default(),
+        ))),
         ..Default::default()
     }
 }

@@ -186,6 +186,16 @@ fn captured_proxies_get_virtual_listeners_as_istiod_generates_them() {
         outbound.use_original_dst,
         Some(wkt::BoolValue { value: true })
     );
+    // Inbound restores the destination for its own chains but never hands off to outbound listeners.
+    let inbound: Listener = snap.get("virtualInbound").expect("virtualInbound");
+    assert_eq!(
+        inbound.use_original_dst,
+        Some(wkt::BoolValue { value: false })
+    );
+    assert_eq!(
+        inbound.listener_filters[0].name,
+        "envoy.filters.listener.original_dst"
+    );
     let http: Listener = snap.get("0.0.0.0_9080").expect("http listener");
     assert_eq!(http.bind_to_port, Some(wkt::BoolValue { value: false }));
     // Inbound: the served port gets its own chain, then passthrough for the rest.
