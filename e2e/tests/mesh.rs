@@ -9,6 +9,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use weft_e2e::{Netns, Network, Process, http_get, serve_echo, serve_http};
+use weft_netns::SharedExecutable;
 
 /// The standard gRPC health service, reporting SERVING.
 async fn serve_grpc(listener: TcpListener) -> anyhow::Result<()> {
@@ -112,9 +113,11 @@ spec:
     )
 }
 
-/// A pod: its namespace, the capture rules, and its proxy running as the proxy user.
+/// A pod: its namespace, the capture rules, and its proxy running as the proxy user (from a copy of the
+/// binary that user can reach).
 fn pod(
     network: &Network,
+    proxy_bin: &SharedExecutable,
     name: &str,
     ip: Ipv4Addr,
     labels: &str,
@@ -125,7 +128,7 @@ fn pod(
     let proxy = ns
         .command("setpriv")
         .args(["--reuid=1337", "--regid=1337", "--clear-groups"])
-        .arg(bin("weft-proxy"))
+        .arg(&proxy_bin.path)
         .args(["--xds-address", &format!("http://{CONTROL}:15010")])
         .env("POD_NAME", format!("{name}-0"))
         .env("POD_NAMESPACE", "test")
@@ -166,6 +169,7 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
             "build {b} first (cargo build --bin {b}); cargo xtask test does"
         );
     }
+    let proxy_bin = SharedExecutable::new(&bin("weft-proxy"))?;
     let network = Network::new()?;
     let control = Netns::new("control")?;
     network.attach(&control, CONTROL)?;
@@ -192,24 +196,28 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
 
     let (v1, _p1) = pod(
         &network,
+        &proxy_bin,
         "backend-v1",
         Ipv4Addr::new(10, 98, 0, 21),
         r#"{"app":"backend","version":"v1"}"#,
     )?;
     let (v2, _p2) = pod(
         &network,
+        &proxy_bin,
         "backend-v2",
         Ipv4Addr::new(10, 98, 0, 22),
         r#"{"app":"backend","version":"v2"}"#,
     )?;
     let (client, _pc) = pod(
         &network,
+        &proxy_bin,
         "client",
         Ipv4Addr::new(10, 98, 0, 11),
         r#"{"app":"client"}"#,
     )?;
     let (locked, _pl) = pod(
         &network,
+        &proxy_bin,
         "locked",
         Ipv4Addr::new(10, 98, 0, 12),
         r#"{"app":"locked"}"#,

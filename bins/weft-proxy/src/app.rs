@@ -110,3 +110,18 @@ impl App {
         while tasks.join_next().await.is_some() {}
     }
 }
+
+/// Builds and runs the proxy until SIGTERM or SIGINT, then drains for the configured grace period.
+pub async fn run_until_signal(config: Config) -> Result<(), Error> {
+    let grace = config.drain_duration;
+    let app = build(config).await?;
+    let (trigger, watcher) = weft_drain::new();
+    let running = tokio::spawn(app.run(watcher));
+    weft_telemetry::shutdown_signal().await;
+    info!("shutting down: no new connections, draining those in flight");
+    if tokio::time::timeout(grace, trigger.drain()).await.is_err() {
+        tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    running.abort();
+    Ok(())
+}

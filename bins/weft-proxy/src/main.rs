@@ -93,25 +93,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(app::run_until_signal(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft-proxy: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-async fn run(config: Config) -> anyhow::Result<()> {
-    let grace = config.drain_duration;
-    let app = app::build(config).await?;
-    let (trigger, watcher) = weft_drain::new();
-    let running = tokio::spawn(app.run(watcher));
-    weft_telemetry::shutdown_signal().await;
-    tracing::info!("shutting down: no new connections, draining those in flight");
-    if tokio::time::timeout(grace, trigger.drain()).await.is_err() {
-        tracing::warn!("drain deadline passed; closing remaining connections");
-    }
-    running.abort();
-    Ok(())
 }

@@ -40,9 +40,8 @@ impl Netns {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        run(Command::new("ip").args(["netns", "add", &name])).context(
-            "network namespaces need root and iproute2 (`ip netns add` failed)",
-        )?;
+        run(Command::new("ip").args(["netns", "add", &name]))
+            .context("network namespaces need root and iproute2 (`ip netns add` failed)")?;
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
@@ -171,3 +170,37 @@ impl Drop for Process {
     }
 }
 
+/// A copy of `path` that any user can run, for starting it as the proxy user (uid 1337): a build tree
+/// under a private home directory is not reachable by that user. Removed when dropped.
+#[derive(Debug)]
+pub struct SharedExecutable {
+    dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+}
+
+impl SharedExecutable {
+    pub fn new(path: &std::path::Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "weft-bin-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let name = path
+            .file_name()
+            .context("executable path has no file name")?;
+        let copy = dir.join(name);
+        std::fs::copy(path, &copy).with_context(|| format!("cannot copy {}", path.display()))?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self { dir, path: copy })
+    }
+}
+
+impl Drop for SharedExecutable {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
