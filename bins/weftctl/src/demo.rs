@@ -2,7 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -33,6 +33,8 @@ struct Workload {
     app: &'static str,
     version: &'static str,
     app_port: u16,
+    /// Where the app listens inside its pod in interception mode: its EndpointSlice port.
+    pod_port: u16,
 }
 
 const WORKLOADS: [Workload; 4] = [
@@ -42,6 +44,7 @@ const WORKLOADS: [Workload; 4] = [
         app: "frontend",
         version: "v1",
         app_port: 18000,
+        pod_port: 8000,
     },
     Workload {
         pod: "backend-v1-0",
@@ -49,6 +52,7 @@ const WORKLOADS: [Workload; 4] = [
         app: "backend",
         version: "v1",
         app_port: 18081,
+        pod_port: 9080,
     },
     Workload {
         pod: "backend-v2-0",
@@ -56,6 +60,7 @@ const WORKLOADS: [Workload; 4] = [
         app: "backend",
         version: "v2",
         app_port: 18082,
+        pod_port: 9080,
     },
     Workload {
         pod: "status-0",
@@ -63,6 +68,7 @@ const WORKLOADS: [Workload; 4] = [
         app: "status",
         version: "v1",
         app_port: 18090,
+        pod_port: 9090,
     },
 ];
 
@@ -72,6 +78,143 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub rate: u32,
     pub config_dir: Option<PathBuf>,
+    pub mode: Mode,
+    /// The `weftctl` executable interception mode runs in each pod (`weftctl proxy`, `weftctl iptables`);
+    /// `None` means this program itself.
+    pub weftctl: Option<PathBuf>,
+}
+
+/// How workloads reach their proxies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Interception when run as root with iptables and setpriv at hand, else explicit listeners.
+    Auto,
+    /// Every workload on its own 127.0.0.x address, proxies binding the listeners their Sidecar names.
+    Explicit,
+    /// Every workload in its own network namespace, its TCP captured by iptables, as in a pod.
+    Interception,
+}
+
+/// Why interception mode cannot run here, if it cannot.
+fn interception_missing() -> Option<&'static str> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("root");
+    }
+    let on_path = |tool: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    };
+    ["ip", "iptables-restore", "setpriv"]
+        .into_iter()
+        .find(|t| !on_path(t))
+        .map(|t| match t {
+            "ip" => "iproute2 (ip)",
+            "iptables-restore" => "iptables",
+            _ => "setpriv (util-linux)",
+        })
+}
+
+/// Pod addresses in interception mode: the same last octet as in explicit mode.
+const POD_NET: &str = "10.97.0";
+/// This machine's end of the pod network: weftd and the demo's client live here.
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
+/// Service addresses (ClusterIPs in mesh.yaml) the frontend calls in interception mode.
+const BACKEND_VIP: &str = "10.96.0.20:9080";
+const STATUS_VIP: &str = "10.96.0.30:9090";
+
+/// The parts of interception mode, dropped in this order: proxies, then the namespaces and the network,
+/// then the shared executable.
+struct Captured {
+    _proxies: Vec<weft_netns::Process>,
+    apps: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+    _pods: Vec<weft_netns::Netns>,
+    _host: weft_netns::HostLink,
+    _network: weft_netns::Network,
+    _exe: weft_netns::SharedExecutable,
+}
+
+/// Interception mode: each workload a network namespace on a bridge with the capture rules installed by
+/// `weftctl iptables` and a proxy (`weftctl proxy`) running as uid 1337; the apps run on threads inside
+/// the namespaces; weftd runs here, on this machine's end of the bridge.
+async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Running> {
+    let (trigger, watcher) = weft_drain::new();
+    let mut tasks = JoinSet::new();
+    let own = std::env::current_exe()?;
+    let exe = weft_netns::SharedExecutable::new(weftctl.unwrap_or(&own))?;
+    let network = weft_netns::Network::new()?;
+    let host = network.attach_host(HOST_IP)?;
+    let xds = start_weftd(dir, HOST_IP.into(), &mut tasks, &watcher).await?;
+    let (mut proxies, mut apps, mut pods, mut metrics_urls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let exe_path = exe
+        .path
+        .to_str()
+        .context("executable path is not UTF-8")?
+        .to_string();
+    for wl in &WORKLOADS {
+        let ip: Ipv4Addr = wl.ip.replace("127.0.0", POD_NET).parse()?;
+        let ns = weft_netns::Netns::new(wl.pod)?;
+        network.attach(&ns, ip)?;
+        ns.exec(&[&exe_path, "iptables"])?;
+        let labels = serde_json::json!({"app": wl.app, "version": wl.version}).to_string();
+        let log_path = dir.join(format!("{}.log", wl.pod));
+        let log = std::fs::File::create(&log_path)?;
+        let proxy = ns
+            .command("setpriv")
+            .args(["--reuid=1337", "--regid=1337", "--clear-groups", &exe_path])
+            .args(["proxy", "--xds-address", &format!("http://{}", xds.address)])
+            .env("POD_NAME", wl.pod)
+            .env("POD_NAMESPACE", "demo")
+            .env("INSTANCE_IP", ip.to_string())
+            .env("SERVICE_ACCOUNT", wl.app)
+            .env("ISTIO_METAJSON_LABELS", labels)
+            .env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start the proxy for {}", wl.pod))?;
+        proxies.push(weft_netns::Process(proxy));
+        metrics_urls.push((
+            wl.pod.to_string(),
+            format!(
+                "metrics http://{ip}:15090/stats/prometheus  proxy log {}",
+                log_path.display()
+            ),
+        ));
+        let (app, version, port, w) = (wl.app, wl.version, wl.pod_port, watcher.clone());
+        apps.push(ns.spawn(move || async move {
+            let listener =
+                TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)).await?;
+            match app {
+                "frontend" => {
+                    sample_app::frontend(listener, BACKEND_VIP.parse()?, STATUS_VIP.parse()?, w)
+                        .await
+                }
+                "backend" => sample_app::backend(listener, version.to_string(), w).await,
+                _ => sample_app::status(listener, w).await?,
+            }
+            Ok(())
+        }));
+        pods.push(ns);
+    }
+    drop(watcher);
+    let frontend = SocketAddr::new(format!("{POD_NET}.10").parse::<Ipv4Addr>()?.into(), 8000);
+    let captured = Captured {
+        _proxies: proxies,
+        apps,
+        _pods: pods,
+        _host: host,
+        _network: network,
+        _exe: exe,
+    };
+    Ok(Running {
+        trigger,
+        tasks,
+        metrics_urls,
+        xds,
+        frontend,
+        captured: Some(captured),
+    })
 }
 
 /// Per-route results.
@@ -96,10 +239,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn write_manifests(dir: &Path) -> anyhow::Result<()> {
+/// In interception mode the workloads live on the pod network rather than on 127.0.0.x, so their
+/// endpoint addresses move with them; everything else is the same config.
+fn write_manifests(dir: &Path, captured: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for (name, text) in MANIFESTS {
         let path = dir.join(name);
+        let text = if captured {
+            text.replace("addresses: [127.0.0.", &format!("addresses: [{POD_NET}."))
+        } else {
+            text.to_string()
+        };
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
@@ -113,6 +263,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Everything the demo started, so it can be drained in one place.
 struct Running {
+    frontend: SocketAddr,
+    /// The namespaces, processes and threads of interception mode; dropping it tears them down.
+    captured: Option<Captured>,
     trigger: DrainTrigger,
     tasks: JoinSet<()>,
     metrics_urls: Vec<(String, String)>,
@@ -125,13 +278,17 @@ struct XdsView {
     metrics: weft_xds::XdsMetrics,
 }
 
-async fn start(dir: &Path) -> anyhow::Result<Running> {
-    let (trigger, watcher) = weft_drain::new();
-    let mut tasks = JoinSet::new();
+/// weftd, in this process, serving on `ip`.
+async fn start_weftd(
+    dir: &Path,
+    ip: std::net::IpAddr,
+    tasks: &mut JoinSet<()>,
+    watcher: &weft_drain::DrainWatcher,
+) -> anyhow::Result<XdsView> {
     let weftd = weftd::app::build(weftd::app::Config {
         config_dir: dir.to_path_buf(),
-        xds_address: "127.0.0.1:0".parse()?,
-        monitoring_address: "127.0.0.1:0".parse()?,
+        xds_address: SocketAddr::new(ip, 0),
+        monitoring_address: SocketAddr::new(ip, 0),
         mesh: weftd::translate::MeshOptions {
             access_log_file: dir.join("access.log").display().to_string(),
         },
@@ -149,6 +306,14 @@ async fn start(dir: &Path) -> anyhow::Result<Running> {
             tracing::error!(error = %e, "weftd stopped");
         }
     });
+    Ok(xds)
+}
+
+/// Explicit-listener mode: every workload on its own 127.0.0.x address, proxies in this process.
+async fn start_explicit(dir: &Path) -> anyhow::Result<Running> {
+    let (trigger, watcher) = weft_drain::new();
+    let mut tasks = JoinSet::new();
+    let xds = start_weftd(dir, "127.0.0.1".parse()?, &mut tasks, &watcher).await?;
 
     let mut metrics_urls = Vec::new();
     for wl in &WORKLOADS {
@@ -201,14 +366,21 @@ async fn start(dir: &Path) -> anyhow::Result<Running> {
         tasks,
         metrics_urls,
         xds,
+        frontend: FRONTEND.parse()?,
+        captured: None,
     })
 }
 
 type DemoClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
-async fn call(client: &DemoClient, path: &str, user: Option<&str>) -> Result<String, String> {
+async fn call(
+    client: &DemoClient,
+    frontend: SocketAddr,
+    path: &str,
+    user: Option<&str>,
+) -> Result<String, String> {
     let mut req = Request::builder()
-        .uri(format!("http://{FRONTEND}{path}"))
+        .uri(format!("http://{frontend}{path}"))
         .header(http::header::HOST, "frontend.demo.svc.cluster.local:8000");
     if let Some(u) = user {
         req = req.header("end-user", u);
@@ -234,12 +406,16 @@ async fn call(client: &DemoClient, path: &str, user: Option<&str>) -> Result<Str
 }
 
 /// Waits until the mesh answers end to end, or gives up with what was last seen.
-async fn wait_ready(client: &DemoClient, deadline: Duration) -> anyhow::Result<()> {
+async fn wait_ready(
+    client: &DemoClient,
+    frontend: SocketAddr,
+    deadline: Duration,
+) -> anyhow::Result<()> {
     let until = Instant::now() + deadline;
     loop {
         let (a, b) = (
-            call(client, "/", None).await,
-            call(client, "/status", None).await,
+            call(client, frontend, "/", None).await,
+            call(client, frontend, "/status", None).await,
         );
         if a.is_ok() && b.is_ok() {
             return Ok(());
@@ -258,21 +434,47 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         .config_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("weft-demo-{}", std::process::id())));
-    write_manifests(&dir)?;
-    println!(
-        "weft demo: explicit-listener mode (no traffic capture); each workload has its own 127.0.0.x address"
-    );
+    let captured = match options.mode {
+        Mode::Explicit => false,
+        Mode::Interception => {
+            if let Some(missing) = interception_missing() {
+                anyhow::bail!("interception mode needs {missing}");
+            }
+            true
+        }
+        Mode::Auto => match interception_missing() {
+            None => true,
+            Some(missing) => {
+                println!("weft demo: explicit-listener mode (interception needs {missing})");
+                false
+            }
+        },
+    };
+    write_manifests(&dir, captured)?;
+    if captured {
+        println!(
+            "weft demo: interception mode: each workload is a network namespace ({POD_NET}.x) whose TCP iptables hands to its proxy"
+        );
+    } else if options.mode == Mode::Explicit {
+        println!(
+            "weft demo: explicit-listener mode (no traffic capture); each workload has its own 127.0.0.x address"
+        );
+    }
     println!(
         "  config directory: {}  (edit it while the demo runs; weftd reloads it)",
         dir.display()
     );
-    let running = start(&dir).await?;
+    let running = if captured {
+        start_captured(&dir, options.weftctl.as_deref()).await?
+    } else {
+        start_explicit(&dir).await?
+    };
     println!(
         "  weftd: xDS on {}, metrics on http://{}/metrics",
         running.xds.address, running.xds.monitoring
     );
     let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
-    wait_ready(&client, Duration::from_secs(15)).await?;
+    wait_ready(&client, running.frontend, Duration::from_secs(15)).await?;
     println!(
         "  mesh ready; sending ~{} requests/s through the frontend {}",
         options.rate,
@@ -309,7 +511,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             ("split 90/10", "/", None)
         };
         let t0 = Instant::now();
-        let result = call(&client, path, user).await;
+        let result = call(&client, running.frontend, path, user).await;
         let tally = tallies.entry(route).or_default();
         tally.latencies.push(t0.elapsed());
         match result {
@@ -332,7 +534,10 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
 
     let ok = report(&tallies, &running);
     let Running {
-        trigger, mut tasks, ..
+        trigger,
+        mut tasks,
+        captured,
+        ..
     } = running;
     if tokio::time::timeout(Duration::from_secs(5), trigger.drain())
         .await
@@ -342,6 +547,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    if let Some(mut captured) = captured {
+        // The apps stopped on the drain signal; their threads end with them.
+        for app in captured.apps.drain(..) {
+            if let Ok(Err(e)) = app.join() {
+                tracing::warn!(error = %e, "a demo app stopped with an error");
+            }
+        }
+    }
     Ok(ok)
 }
 

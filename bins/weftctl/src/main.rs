@@ -24,7 +24,20 @@ enum Command {
         /// Where to write the demo's manifests (default: a new temporary directory).
         #[arg(long)]
         config_dir: Option<PathBuf>,
+        /// `interception` puts each workload in a network namespace with iptables capture (needs root);
+        /// `explicit` gives each its own 127.0.0.x address; `auto` picks interception when it can.
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: weftctl::demo::Mode,
     },
+    /// The sidecar proxy, as `weft-proxy` runs it (the demo's interception mode starts it in each pod).
+    #[command(hide = true)]
+    Proxy {
+        #[arg(long)]
+        xds_address: String,
+    },
+    /// The pod's capture rules with Istio's defaults, as `weft-proxy iptables` installs them.
+    #[command(hide = true)]
+    Iptables,
     /// The demo's sample application, one workload per process (used by `cargo xtask bench`).
     #[command(hide = true, subcommand)]
     SampleApp(SampleApp),
@@ -66,15 +79,44 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Proxy { xds_address } => {
+            let vars: Vec<(String, String)> = std::env::vars().collect();
+            let result = weft_proxy::config::Config::from_env(xds_address, &vars)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| {
+                    runtime
+                        .block_on(weft_proxy::app::run_until_signal(c))
+                        .map_err(anyhow::Error::from)
+                });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weftctl proxy: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Iptables => {
+            match weft_proxy::iptables::apply(&weft_proxy::iptables::CaptureConfig::default()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weftctl iptables: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo {
             duration,
             rate,
             config_dir,
+            mode,
         } => {
             match runtime.block_on(weftctl::demo::run(weftctl::demo::Options {
                 duration,
                 rate,
                 config_dir,
+                mode,
+                weftctl: None,
             })) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,

@@ -204,3 +204,44 @@ impl Drop for SharedExecutable {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// This machine's end of a [`Network`]: a veth whose peer is on the bridge. Removed when dropped.
+#[derive(Debug)]
+pub struct HostLink {
+    name: String,
+}
+
+impl Network {
+    /// Joins this machine to the bridge with `ip`/24, so code running here reaches the pods directly.
+    pub fn attach_host(&self, ip: Ipv4Addr) -> anyhow::Result<HostLink> {
+        let n = std::process::id() % 100_000;
+        let (host, peer) = (format!("wh{n}"), format!("wp{n}"));
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &self.ns.name,
+        ]))?;
+        let link = HostLink { name: host };
+        self.ns
+            .exec(&["ip", "link", "set", &peer, "master", "br0"])?;
+        self.ns.exec(&["ip", "link", "set", &peer, "up"])?;
+        run(Command::new("ip").args(["addr", "add", &format!("{ip}/24"), "dev", &link.name]))?;
+        run(Command::new("ip").args(["link", "set", &link.name, "up"]))?;
+        Ok(link)
+    }
+}
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
+    }
+}
