@@ -1,0 +1,196 @@
+use std::{
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::SpiffeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid CA material in {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    #[error("invalid CSR: {0}")]
+    Csr(String),
+    #[error("the CSR asks for {requested}, but the caller is {caller}")]
+    WrongIdentity { requested: String, caller: String },
+    #[error("cannot sign: {0}")]
+    Sign(String),
+}
+
+/// The mesh CA: it signs workload certificates with its issuing key, which never leaves it.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The issuing certificate and any intermediates above it, up to but not including the root.
+    chain_pem: Vec<String>,
+    root_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("chain_len", &self.chain_pem.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn offset(t: SystemTime) -> Result<time::OffsetDateTime, CaError> {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|e| CaError::Sign(e.to_string()))?
+        .as_secs();
+    time::OffsetDateTime::from_unix_timestamp(secs as i64).map_err(|e| CaError::Sign(e.to_string()))
+}
+
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        current.push_str(line);
+        current.push('\n');
+        if line.starts_with("-----END ") {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    out
+}
+
+impl Ca {
+    /// A new self-signed root for `trust_domain`, valid from `now` for `validity`.
+    pub fn self_signed(
+        trust_domain: &str,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, trust_domain);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "weft root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = offset(now)?;
+        params.not_after = offset(now + validity)?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            chain_pem: Vec::new(),
+            root_pem: cert.pem(),
+        })
+    }
+
+    /// Loads a user's CA from Istio's `cacerts` layout: `ca-cert.pem` (the issuing certificate),
+    /// `ca-key.pem`, `root-cert.pem` and `cert-chain.pem` (the issuing certificate up to the root).
+    pub fn from_cacerts(dir: &Path) -> Result<Self, CaError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| CaError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let (cert, key, root, chain) = (
+            read("ca-cert.pem")?,
+            read("ca-key.pem")?,
+            read("root-cert.pem")?,
+            read("cert-chain.pem")?,
+        );
+        let key = KeyPair::from_pem(&key).map_err(|e| CaError::Invalid {
+            what: "ca-key.pem",
+            reason: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(|e| CaError::Invalid {
+            what: "ca-cert.pem",
+            reason: e.to_string(),
+        })?;
+        let root_pem = pem_blocks(&root)
+            .into_iter()
+            .next()
+            .ok_or(CaError::Invalid {
+                what: "root-cert.pem",
+                reason: "no certificate".into(),
+            })?;
+        // The chain file ends with the root, which clients hold already as their trust bundle.
+        let chain_pem = pem_blocks(&chain)
+            .into_iter()
+            .filter(|c| c.trim() != root_pem.trim())
+            .collect();
+        Ok(Self {
+            issuer,
+            chain_pem,
+            root_pem,
+        })
+    }
+
+    /// The trust bundle workloads verify peers against.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Signs a workload's CSR for `caller`, the identity the caller proved (a bootstrap token, a
+    /// Kubernetes service-account token, a client certificate). The CSR must ask for exactly that
+    /// SPIFFE id. Returns Istio's `cert_chain`: the leaf, the intermediates, then the root.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        caller: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let requested: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(uri) => uri.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if requested != [caller.to_string()] {
+            return Err(CaError::WrongIdentity {
+                requested: requested.join(", "),
+                caller: caller.to_string(),
+            });
+        }
+        let params = &mut csr.params;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = offset(now - Duration::from_secs(60).min(ttl))?;
+        params.not_after = offset(now + ttl)?;
+        params.use_authority_key_identifier_extension = true;
+        let leaf = csr
+            .signed_by(&self.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut chain = vec![leaf.pem()];
+        chain.extend(self.chain_pem.iter().cloned());
+        chain.push(self.root_pem.clone());
+        Ok(chain)
+    }
+}

@@ -1,0 +1,122 @@
+use std::time::SystemTime;
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
+
+use crate::SpiffeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot generate a key: {0}")]
+    Key(String),
+    #[error("cannot make a CSR for {id}: {reason}")]
+    Csr { id: String, reason: String },
+    #[error("invalid certificate chain: {0}")]
+    Chain(String),
+    #[error("the certificate is for {actual}, not {expected}")]
+    WrongIdentity { expected: String, actual: String },
+    #[error("invalid trust bundle: {0}")]
+    Roots(String),
+}
+
+/// A private key made in this process; it is never serialized anywhere but into rustls.
+pub struct WorkloadKey(KeyPair);
+
+impl std::fmt::Debug for WorkloadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkloadKey(..)")
+    }
+}
+
+impl WorkloadKey {
+    pub fn generate() -> Result<Self, IdentityError> {
+        KeyPair::generate()
+            .map(Self)
+            .map_err(|e| IdentityError::Key(e.to_string()))
+    }
+
+    /// A CSR asking for `id` as its only URI SAN, as Istio's agent sends it.
+    pub fn csr_pem(&self, id: &SpiffeId) -> Result<String, IdentityError> {
+        let err = |reason: String| IdentityError::Csr {
+            id: id.to_string(),
+            reason,
+        };
+        let mut params = CertificateParams::default();
+        let uri = id
+            .to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| err(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params
+            .serialize_request(&self.0)
+            .and_then(|csr| csr.pem())
+            .map_err(|e| err(e.to_string()))
+    }
+}
+
+/// A workload's certificate chain and key, and the trust bundle it verifies peers against.
+#[derive(Debug)]
+pub struct Identity {
+    pub id: SpiffeId,
+    pub serial: String,
+    pub not_after: SystemTime,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key_der: Vec<u8>,
+    pub(crate) roots: RootCertStore,
+}
+
+impl Identity {
+    /// Checks that `chain_pem`'s leaf is for `id`, then keeps it with the key it was made for.
+    pub fn new(
+        id: SpiffeId,
+        key: &WorkloadKey,
+        chain_pem: &[String],
+        roots_pem: &str,
+    ) -> Result<Self, IdentityError> {
+        let mut chain = Vec::new();
+        for pem in chain_pem {
+            chain.push(
+                CertificateDer::from_pem_slice(pem.as_bytes())
+                    .map_err(|e| IdentityError::Chain(e.to_string()))?,
+            );
+        }
+        let leaf = chain
+            .first()
+            .ok_or_else(|| IdentityError::Chain("empty".into()))?;
+        let actual = crate::peer_spiffe_id(leaf);
+        if actual.as_ref() != Some(&id) {
+            let actual = actual.map_or_else(|| "(no SPIFFE id)".to_string(), |a| a.to_string());
+            return Err(IdentityError::WrongIdentity {
+                expected: id.to_string(),
+                actual,
+            });
+        }
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| IdentityError::Chain(e.to_string()))?;
+        let serial = parsed.raw_serial_as_string();
+        let not_after = SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+            roots
+                .add(cert.map_err(|e| IdentityError::Roots(e.to_string()))?)
+                .map_err(|e| IdentityError::Roots(e.to_string()))?;
+        }
+        // The leaf, then intermediates; the root stays out of what we send, as peers hold it.
+        let root_count = chain.len().saturating_sub(1).min(1);
+        chain.truncate(chain.len() - root_count);
+        Ok(Self {
+            id,
+            serial,
+            not_after,
+            chain,
+            key_der: key.0.serialize_der(),
+            roots,
+        })
+    }
+
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
