@@ -114,8 +114,13 @@ fn test(root: &Path, no_python: bool) -> anyhow::Result<()> {
             String::from_utf8_lossy(&aws.stdout)
         );
     }
+    // The network-namespace tests and the Python peers run the real binaries.
     run(
-        "unit and in-process tests",
+        "build binaries",
+        &mut cargo(&["build", "--bin", "weftd", "--bin", "weft-proxy"]),
+    )?;
+    run(
+        "unit, in-process and network-namespace tests",
         &mut cargo(&["test", "--workspace", "--all-targets"]),
     )?;
     if no_python {
@@ -123,10 +128,6 @@ fn test(root: &Path, no_python: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let python = venv_python(root)?;
-    run(
-        "build binaries for the peer checks",
-        &mut cargo(&["build", "--bin", "weftd", "--bin", "weft-proxy"]),
-    )?;
     let mut peers = Command::new(python);
     peers
         .args(["-m", "pytest", "-q", "integration/python"])
