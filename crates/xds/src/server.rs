@@ -228,6 +228,18 @@ impl<P: Protocol> AdsStream<P> {
     }
 }
 
+/// The proxy's node from its first request, which must carry one.
+fn first_node(
+    node: Option<&crate::pb::envoy::config::core::v3::Node>,
+    variant: &str,
+) -> Result<NodeInfo, Status> {
+    let node = NodeInfo::from(
+        node.ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?,
+    );
+    info!(node = %node.id, variant, "proxy connected");
+    Ok(node)
+}
+
 /// The subscribed types in push order: clusters, endpoints, listeners, routes, then any others.
 fn push_order<'a>(subscribed: impl Iterator<Item = &'a String>) -> Vec<String> {
     let subscribed: Vec<&String> = subscribed.collect();
@@ -321,12 +333,7 @@ impl Protocol for SotwState {
         generator: &dyn SnapshotGenerator,
     ) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = req
-                .node
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
-            let node = NodeInfo::from(node);
-            info!(node = %node.id, "proxy connected (state of the world)");
+            let node = first_node(req.node.as_ref(), "state of the world")?;
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
         }
@@ -477,12 +484,7 @@ impl Protocol for DeltaState {
         generator: &dyn SnapshotGenerator,
     ) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = req
-                .node
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
-            let node = NodeInfo::from(node);
-            info!(node = %node.id, "proxy connected (delta)");
+            let node = first_node(req.node.as_ref(), "delta")?;
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
         }
