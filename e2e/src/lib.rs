@@ -119,3 +119,21 @@ pub async fn http_get(
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// A directory removed when dropped, so a failing test leaves nothing behind.
+#[derive(Debug)]
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("weft-{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -173,8 +173,8 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
     let network = Network::new()?;
     let control = Netns::new("control")?;
     network.attach(&control, CONTROL)?;
-    let dir = std::env::temp_dir().join(format!("weft-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let config = weft_e2e::TempDir::new("e2e")?;
+    let dir = config.0.clone();
     std::fs::write(dir.join("mesh.yaml"), manifests())?;
     let _weftd = Process(
         control
@@ -358,6 +358,5 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
     });
     locked_results.join().expect("locked thread")?;
     drop(outside);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1,11 +1,21 @@
 //! The README's main command, in-process: the demo mesh comes up, traffic follows the routing rule, and
 //! the demo reports success.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
+
+/// Removes the demo's directory when the test ends, passed or failed.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_and_all_traffic_behaves_as_configured() {
     let dir = std::env::temp_dir().join(format!("weft-demo-test-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
     let passed = weftctl::demo::run(weftctl::demo::Options {
         duration: Some(Duration::from_secs(3)),
         rate: 100,
@@ -16,7 +26,6 @@ async fn demo_runs_and_all_traffic_behaves_as_configured() {
     .await
     .expect("the demo starts and stops cleanly");
     let log = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         passed,
         "the demo's verdict was a failure (its summary is above)"
@@ -32,6 +41,8 @@ async fn demo_runs_and_all_traffic_behaves_as_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_in_network_namespaces_with_interception() {
     let dir = std::env::temp_dir().join(format!("weft-demo-ns-test-{}", std::process::id()));
+    // Removed even when an assertion below fails.
+    let _cleanup = RemoveOnDrop(dir.clone());
     let passed = weftctl::demo::run(weftctl::demo::Options {
         duration: Some(Duration::from_secs(3)),
         rate: 100,
@@ -42,7 +53,6 @@ async fn demo_in_network_namespaces_with_interception() {
     })
     .await
     .expect("the interception demo starts (it needs root, iproute2, iptables and setpriv) and stops cleanly");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         passed,
         "the demo's verdict was a failure (its summary is above)"
