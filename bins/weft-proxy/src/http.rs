@@ -263,13 +263,34 @@ pub(crate) fn route_matches(
             })
 }
 
+/// How long a request waits for its listener's route configuration.
+const ROUTE_WARMING: Duration = Duration::from_secs(5);
+
+/// The current config once it holds the listener's routes. A listener is bound when LDS arrives and its
+/// routes follow by RDS; like Envoy's listener warming, a request in that gap waits for them rather than
+/// failing with "no route".
+async fn warmed(
+    ctx: &Ctx,
+    routes: &crate::model::RouteSource,
+) -> Option<Arc<crate::state::ProxyState>> {
+    let mut state = ctx.state.clone();
+    let ready = state.wait_for(|s| s.route_table(routes).is_some());
+    match tokio::time::timeout(ROUTE_WARMING, ready).await {
+        Ok(Ok(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 async fn route_and_forward(
     req: Request<Incoming>,
     ctx: &Ctx,
     conn: &ConnInfo,
     authority: &str,
 ) -> (Response<Body>, Outcome) {
-    let state = ctx.state.borrow().clone();
+    let Some(state) = warmed(ctx, &conn.http.routes).await else {
+        debug!(routes = ?conn.http.routes, "route configuration never arrived (NR)");
+        return local_reply(StatusCode::NOT_FOUND, "", "NR");
+    };
     let Some(table) = state.route_table(&conn.http.routes) else {
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
