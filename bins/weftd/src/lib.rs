@@ -5,13 +5,17 @@
 //! [`translate`] turns a model and a proxy into that proxy's snapshot; [`app`] wires the ADS server.
 
 pub mod app;
+pub mod authz;
 pub mod registry;
 pub mod source;
 pub mod translate;
 
 use weft_api::{
     Object, Resources,
-    istio::{DestinationRuleSpec, SidecarSpec, VirtualServiceSpec},
+    istio::{
+        AuthorizationPolicySpec, DestinationRuleSpec, PeerAuthenticationSpec, SidecarSpec,
+        VirtualServiceSpec,
+    },
 };
 
 use crate::{
@@ -26,6 +30,8 @@ pub struct Model {
     pub virtual_services: Vec<Object<VirtualServiceSpec>>,
     pub destination_rules: Vec<Object<DestinationRuleSpec>>,
     pub sidecars: Vec<Object<SidecarSpec>>,
+    pub peer_authentications: Vec<Object<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Object<AuthorizationPolicySpec>>,
     pub mesh: MeshOptions,
 }
 
@@ -36,6 +42,8 @@ impl Model {
             virtual_services: resources.virtual_services.clone(),
             destination_rules: resources.destination_rules.clone(),
             sidecars: resources.sidecars.clone(),
+            peer_authentications: resources.peer_authentications.clone(),
+            authorization_policies: resources.authorization_policies.clone(),
             mesh,
         }
     }

@@ -401,3 +401,115 @@ pub struct OutboundTrafficPolicy {
     #[serde(default)]
     pub mode: Option<String>,
 }
+
+// === security.istio.io ===
+
+/// `PeerAuthentication`: whether a workload's inbound traffic must be mutual TLS.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub mtls: Option<PeerAuthenticationMtls>,
+    /// Port number (as YAML writes map keys) to its mode.
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, PeerAuthenticationMtls>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationMtls {
+    /// `UNSET`, `DISABLE`, `PERMISSIVE` or `STRICT`.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// `AuthorizationPolicy`. `rules` absent and `rules: []` both mean no rules (an ALLOW then denies all);
+/// `rules: [{}]` is one rule that matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// `ALLOW` (the default), `DENY`, `AUDIT`; `CUSTOM` is refused at load.
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationRule {
+    #[serde(default)]
+    pub from: Vec<RuleFrom>,
+    #[serde(default)]
+    pub to: Vec<RuleTo>,
+    #[serde(default)]
+    pub when: Vec<RuleCondition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleFrom {
+    pub source: RuleSource,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleTo {
+    pub operation: RuleOperation,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleOperation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleCondition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}

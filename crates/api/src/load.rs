@@ -8,8 +8,8 @@ use serde_json::Value;
 use crate::{
     Object,
     istio::{
-        DestinationRuleSpec, HttpRoute, ServiceEntrySpec, SidecarSpec, StringMatch,
-        VirtualServiceSpec, WorkloadEntrySpec,
+        AuthorizationPolicySpec, DestinationRuleSpec, HttpRoute, PeerAuthenticationSpec,
+        ServiceEntrySpec, SidecarSpec, StringMatch, VirtualServiceSpec, WorkloadEntrySpec,
     },
     k8s::{EndpointSlice, Pod, ServiceSpec},
 };
@@ -25,6 +25,8 @@ pub struct Resources {
     pub virtual_services: Vec<Object<VirtualServiceSpec>>,
     pub destination_rules: Vec<Object<DestinationRuleSpec>>,
     pub sidecars: Vec<Object<SidecarSpec>>,
+    pub peer_authentications: Vec<Object<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Object<AuthorizationPolicySpec>>,
 }
 
 /// A resource that was skipped, and why: enough for an operator to find and fix it.
@@ -168,6 +170,24 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
             r.destination_rules.push(dr);
         }
         ("networking.istio.io", "Sidecar") => r.sidecars.push(typed(doc)?),
+        ("security.istio.io", "PeerAuthentication") => {
+            let pa: Object<PeerAuthenticationSpec> = typed(doc)?;
+            validate_peer_authentication(&pa.spec)?;
+            r.peer_authentications.push(pa);
+        }
+        ("security.istio.io", "AuthorizationPolicy") => {
+            let ap: Object<AuthorizationPolicySpec> = typed(doc)?;
+            match ap.spec.action.as_deref() {
+                None | Some("ALLOW" | "DENY" | "AUDIT") => {}
+                Some("CUSTOM") => {
+                    return Err(
+                        "spec.action: CUSTOM (external authorization) is not supported".into(),
+                    );
+                }
+                Some(other) => return Err(format!("spec.action: unknown action {other}")),
+            }
+            r.authorization_policies.push(ap);
+        }
         _ => return Err(format!("unsupported kind {kind} in API group {group:?}")),
     }
     Ok(())
@@ -175,6 +195,33 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
 
 fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, String> {
     serde_json::from_value(doc).map_err(|e| e.to_string())
+}
+
+fn validate_peer_authentication(spec: &PeerAuthenticationSpec) -> Result<(), String> {
+    let modes = spec
+        .mtls
+        .iter()
+        .map(|m| ("mtls.mode".to_string(), m))
+        .chain(
+            spec.port_level_mtls
+                .iter()
+                .map(|(port, m)| (format!("portLevelMtls[{port}].mode"), m)),
+        );
+    for (field, m) in modes {
+        if let Some(mode) = m.mode.as_deref()
+            && !matches!(mode, "UNSET" | "DISABLE" | "PERMISSIVE" | "STRICT")
+        {
+            return Err(format!("spec.{field}: unknown mode {mode}"));
+        }
+    }
+    for port in spec.port_level_mtls.keys() {
+        port.parse::<u16>()
+            .map_err(|_| format!("spec.portLevelMtls: {port:?} is not a port number"))?;
+    }
+    if !spec.port_level_mtls.is_empty() && spec.selector.is_none() {
+        return Err("spec.portLevelMtls needs a selector, as in Istio".into());
+    }
+    Ok(())
 }
 
 fn validate_virtual_service(spec: &VirtualServiceSpec) -> Result<(), String> {
@@ -376,5 +423,84 @@ metadata: {name: w}
             rejected[1].reason
         );
         assert_eq!(rejected[0].file, "mesh.yaml");
+    }
+
+    #[test]
+    fn loads_security_resources_and_refuses_what_weft_cannot_enforce() {
+        let text = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: db, namespace: demo}
+spec:
+  selector: {matchLabels: {app: db}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ports, namespace: demo}
+spec:
+  selector: {labels: {app: web}}
+  portLevelMtls: {"8080": {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: odd, namespace: demo}
+spec: {mtls: {mode: SOMETIMES}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-get, namespace: demo}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/demo/sa/frontend"]}}]
+    to: [{operation: {methods: [GET], paths: ["/api/*"]}}]
+    when: [{key: "request.headers[x-user]", values: ["*"]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: demo}
+spec: {action: CUSTOM, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt, namespace: demo}
+spec:
+  rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]
+"#;
+        let mut resources = Resources::default();
+        let mut rejected = Vec::new();
+        parse_manifests("security.yaml", text, &mut resources, &mut rejected);
+        assert_eq!(resources.peer_authentications.len(), 2);
+        assert_eq!(
+            resources.peer_authentications[1].spec.port_level_mtls["8080"]
+                .mode
+                .as_deref(),
+            Some("DISABLE")
+        );
+        assert_eq!(resources.authorization_policies.len(), 1);
+        assert_eq!(
+            resources.authorization_policies[0].spec.rules[0].to[0]
+                .operation
+                .paths,
+            ["/api/*"]
+        );
+        let names: Vec<&str> = rejected.iter().map(|r| r.name.as_str()).collect();
+        // `matchLabels` is the Kubernetes spelling, not Istio's `labels`; requestPrincipals needs JWT support.
+        assert_eq!(names, ["db", "odd", "ext", "jwt"], "{rejected:#?}");
+        assert!(
+            rejected[2].reason.contains("CUSTOM"),
+            "{}",
+            rejected[2].reason
+        );
+        assert!(
+            rejected[3].reason.contains("requestPrincipals"),
+            "{}",
+            rejected[3].reason
+        );
     }
 }
