@@ -249,28 +249,11 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
             .collect();
         let protocol = Protocol::infer(port.name.as_deref(), None, port.protocol.as_deref());
         let chain = if protocol.is_http() {
-            let route_name = port.number.to_string();
-            let virtual_hosts = on_port
-                .iter()
-                .map(|s| virtual_host(model, s, port.number, &proxy.namespace))
-                .collect();
             snap.insert(
-                &route_name,
-                &RouteConfiguration {
-                    name: route_name.clone(),
-                    virtual_hosts,
-                    ..Default::default()
-                },
+                port.number.to_string(),
+                &port_routes(model, proxy, port.number, on_port.iter().map(|s| **s)),
             );
-            let rds = Rds {
-                config_source: Some(ads()),
-                route_config_name: route_name,
-            };
-            hcm_filter(
-                &listener_name,
-                http_connection_manager::RouteSpecifier::Rds(rds),
-                &model.mesh,
-            )
+            rds_filter(&listener_name, port.number, &model.mesh)
         } else {
             // A TCP port cannot tell services apart without an address to match on; the first one wins.
             let Some(svc) = on_port.first() else {
@@ -573,6 +556,36 @@ fn services_metadata(model: &Model, proxy: &Proxy, port: u16) -> Metadata {
         "services".to_string(),
         Value::Array(services),
     )]))
+}
+
+/// The route configuration named by port (`"9080"`), as istiod names it: one virtual host per service.
+fn port_routes<'a>(
+    model: &Model,
+    proxy: &Proxy,
+    port: u16,
+    services: impl Iterator<Item = &'a Service>,
+) -> RouteConfiguration {
+    let virtual_hosts = services
+        .map(|s| virtual_host(model, s, port, &proxy.namespace))
+        .collect();
+    RouteConfiguration {
+        name: port.to_string(),
+        virtual_hosts,
+        ..Default::default()
+    }
+}
+
+/// An HTTP connection manager whose routes come by RDS from the configuration named by `port`.
+fn rds_filter(stat_prefix: &str, port: u16, mesh: &MeshOptions) -> Filter {
+    let rds = Rds {
+        config_source: Some(ads()),
+        route_config_name: port.to_string(),
+    };
+    hcm_filter(
+        stat_prefix,
+        http_connection_manager::RouteSpecifier::Rds(rds),
+        mesh,
+    )
 }
 
 /// The filter that hands inbound traffic for `port` to its inbound cluster: HTTP through a route that

@@ -182,15 +182,7 @@ pub(super) fn generate(
                 if port.protocol == Protocol::Auto {
                     // Sniffed HTTP routes by Host like any HTTP port; anything else stays TCP.
                     http_ports.insert(port.number);
-                    let rds = Rds {
-                        config_source: Some(ads()),
-                        route_config_name: port.number.to_string(),
-                    };
-                    let hcm = hcm_filter(
-                        &name,
-                        http_connection_manager::RouteSpecifier::Rds(rds),
-                        &model.mesh,
-                    );
+                    let hcm = rds_filter(&name, port.number, &model.mesh);
                     l.filter_chains.insert(0, http_chain(None, hcm));
                     l = with_inspectors(l);
                 }
@@ -199,23 +191,11 @@ pub(super) fn generate(
         }
     }
     for port in http_ports {
-        let route_name = port.to_string();
-        let virtual_hosts = visible
-            .iter()
-            .filter(|s| {
-                s.port(port)
-                    .is_some_and(|p| p.protocol.is_http() || p.protocol == Protocol::Auto)
-            })
-            .map(|s| virtual_host(model, s, port, &proxy.namespace))
-            .collect();
-        snap.insert(
-            &route_name,
-            &RouteConfiguration {
-                name: route_name.clone(),
-                virtual_hosts,
-                ..Default::default()
-            },
-        );
+        let routed = visible.iter().copied().filter(|s| {
+            s.port(port)
+                .is_some_and(|p| p.protocol.is_http() || p.protocol == Protocol::Auto)
+        });
+        snap.insert(port.to_string(), &port_routes(model, proxy, port, routed));
         let declared_http = visible
             .iter()
             .any(|s| s.port(port).is_some_and(|p| p.protocol.is_http()));
@@ -223,15 +203,7 @@ pub(super) fn generate(
             continue;
         }
         let name = format!("0.0.0.0_{port}");
-        let rds = Rds {
-            config_source: Some(ads()),
-            route_config_name: route_name,
-        };
-        let filter = hcm_filter(
-            &name,
-            http_connection_manager::RouteSpecifier::Rds(rds),
-            &model.mesh,
-        );
+        let filter = rds_filter(&name, port, &model.mesh);
         snap.insert(&name, &unbound_listener(&name, "0.0.0.0", port, filter));
     }
     // Anything else leaves as it came, unless the Sidecar allows only what the registry knows.
