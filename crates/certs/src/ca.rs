@@ -140,6 +140,21 @@ impl Ca {
         })
     }
 
+    /// A certificate for the CA's own process (weftd serving 15012), through the same path as a
+    /// workload's: a fresh key, a CSR, a signature.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<crate::Identity, CaError> {
+        let key = crate::WorkloadKey::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let csr = key.csr_pem(id).map_err(|e| CaError::Sign(e.to_string()))?;
+        let chain = self.sign_csr(&csr, id, now, ttl)?;
+        crate::Identity::new(id.clone(), &key, &chain, &self.root_pem)
+            .map_err(|e| CaError::Sign(e.to_string()))
+    }
+
     /// The trust bundle workloads verify peers against.
     pub fn root_pem(&self) -> &str {
         &self.root_pem

@@ -1,7 +1,11 @@
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use rcgen::{CertificateParams, KeyPair, SanType};
-use rustls::RootCertStore;
+use rustls::{
+    RootCertStore,
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
+    sign::CertifiedKey,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 
 use crate::SpiffeId;
@@ -60,10 +64,32 @@ impl WorkloadKey {
 pub struct Identity {
     pub id: SpiffeId,
     pub serial: String,
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
-    pub(crate) chain: Vec<CertificateDer<'static>>,
-    pub(crate) key_der: Vec<u8>,
-    pub(crate) roots: RootCertStore,
+    /// The trust bundle, as PEM, for `/certs` and for clients that must verify this workload.
+    pub roots_pem: String,
+    /// The chain and signing key rustls presents; the key is only ever handed to rustls.
+    pub(crate) certified: Arc<CertifiedKey>,
+    pub(crate) roots: Arc<RootCertStore>,
+    /// Chain verification for client certificates against `roots`, built once per identity.
+    pub(crate) client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+pub(crate) fn root_store(roots_pem: &str) -> Result<RootCertStore, IdentityError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| IdentityError::Roots(e.to_string()))?)
+            .map_err(|e| IdentityError::Roots(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(IdentityError::Roots("no certificate".into()));
+    }
+    Ok(roots)
+}
+
+fn unix(t: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64)
 }
 
 impl Identity {
@@ -95,28 +121,30 @@ impl Identity {
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
             .map_err(|e| IdentityError::Chain(e.to_string()))?;
         let serial = parsed.raw_serial_as_string();
-        let not_after = SystemTime::UNIX_EPOCH
-            + std::time::Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-            roots
-                .add(cert.map_err(|e| IdentityError::Roots(e.to_string()))?)
-                .map_err(|e| IdentityError::Roots(e.to_string()))?;
-        }
+        let not_before = unix(parsed.validity().not_before.timestamp());
+        let not_after = unix(parsed.validity().not_after.timestamp());
+        let roots = Arc::new(root_store(roots_pem)?);
         // The leaf, then intermediates; the root stays out of what we send, as peers hold it.
         let root_count = chain.len().saturating_sub(1).min(1);
         chain.truncate(chain.len() - root_count);
+        let provider = crate::provider();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.0.serialize_der()));
+        let certified = CertifiedKey::from_der(chain, key_der, &provider)
+            .map_err(|e| IdentityError::Chain(e.to_string()))?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| IdentityError::Roots(e.to_string()))?;
         Ok(Self {
             id,
             serial,
+            not_before,
             not_after,
-            chain,
-            key_der: key.0.serialize_der(),
+            roots_pem: roots_pem.to_string(),
+            certified: Arc::new(certified),
             roots,
+            client_verifier,
         })
-    }
-
-    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 }

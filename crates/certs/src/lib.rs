@@ -4,12 +4,16 @@
 //! - [`Ca`]: a self-signed root (ten years by default) or a user's root and intermediate loaded from
 //!   Istio's `cacerts` layout; it signs workload CSRs, refusing any identity the caller does not hold.
 //! - [`WorkloadKey`]: a key generated in memory that never leaves the workload, and its CSR.
-//! - [`Identity`] and the rustls configs built from it, whose verifiers check the chain to the trust
-//!   bundle and the peer's SPIFFE id.
+//! - [`Identity`] in an [`IdentityCell`] that rotation swaps, and the rustls configs built on it, whose
+//!   verifiers check the chain to the trust bundle and the peer's SPIFFE id; [`accept`] and [`connect`]
+//!   run handshakes and report the [`Peer`].
+//! - [`BootstrapTokens`]: how a workload proves its service account where no Kubernetes API can.
 
 mod ca;
 mod identity;
 mod spiffe;
+mod stream;
+mod token;
 mod verify;
 
 use std::time::Duration;
@@ -17,7 +21,12 @@ use std::time::Duration;
 pub use ca::{Ca, CaError};
 pub use identity::{Identity, IdentityError, WorkloadKey};
 pub use spiffe::{SpiffeId, SpiffeIdError, peer_spiffe_id};
-pub use verify::{PeerPolicy, client_config, server_config};
+pub use stream::{ClientStream, Peer, ServerStream, accept, connect};
+pub use token::{BootstrapTokens, TokenKeyError};
+pub use verify::{
+    ClientAuth, ClientTls, IdentityCell, PeerPolicy, ServerTls, anonymous_client_config,
+    client_config, server_config,
+};
 
 /// Istio's default workload certificate lifetime.
 pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);

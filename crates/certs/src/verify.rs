@@ -1,23 +1,31 @@
 //! rustls configs whose verifiers check the peer's chain to the mesh's trust bundle and then its SPIFFE
 //! id: DNS names mean nothing between workloads, identities do.
+//!
+//! Configs read the workload's certificate from an [`IdentityCell`] at each handshake, so one config
+//! serves across rotations: connections in flight keep the certificate they started with, new ones get
+//! the new certificate as soon as it is in the cell.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
     ServerConfig, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::{
+        ResolvesClientCert,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
     crypto::CryptoProvider,
     server::{
-        ParsedCertificate, WebPkiClientVerifier,
+        ClientHello, ParsedCertificate, ResolvesServerCert,
         danger::{ClientCertVerified, ClientCertVerifier},
     },
+    sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::{Identity, IdentityError, SpiffeId, peer_spiffe_id};
 
-/// Which client identities a server accepts.
+/// Which peer identities are accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerPolicy {
     /// Any workload whose certificate chains to the trust bundle and names this trust domain.
@@ -35,17 +43,71 @@ impl PeerPolicy {
     }
 }
 
+/// Whether a server asks clients for a certificate and refuses those without one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    Required,
+    /// Asked for and verified when sent; a client without one still connects (weftd's 15012, where a
+    /// proxy asks for its first certificate before it has one).
+    Optional,
+}
+
+/// A workload's current identity, replaced whole when its certificate is rotated.
+#[derive(Clone, Debug)]
+pub struct IdentityCell(Arc<RwLock<Arc<Identity>>>);
+
+impl IdentityCell {
+    pub fn new(identity: Identity) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(identity))))
+    }
+
+    pub fn current(&self) -> Arc<Identity> {
+        match self.0.read() {
+            Ok(guard) => guard.clone(),
+            // A writer panicked mid-swap; the value is an Arc that was fully written either way.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// New handshakes use `identity` from now on; connections already made keep theirs.
+    pub fn replace(&self, identity: Identity) {
+        let next = Arc::new(identity);
+        match self.0.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+}
+
+pub type ServerTls = Arc<ServerConfig>;
+pub type ClientTls = Arc<ClientConfig>;
+
 fn identity_error(msg: String) -> Error {
     Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
         IdentityError::Chain(msg),
     ))))
 }
 
+#[derive(Debug)]
+enum Trust {
+    Cell(IdentityCell),
+    Fixed(Arc<RootCertStore>),
+}
+
+impl Trust {
+    fn roots(&self) -> Arc<RootCertStore> {
+        match self {
+            Self::Cell(cell) => cell.current().roots.clone(),
+            Self::Fixed(roots) => roots.clone(),
+        }
+    }
+}
+
 /// Verifies a server by chain and SPIFFE id, ignoring the DNS name the client dialled.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
-    expected: SpiffeId,
+    trust: Trust,
+    expected: PeerPolicy,
     provider: Arc<CryptoProvider>,
 }
 
@@ -61,17 +123,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            &self.trust.roots(),
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
         match peer_spiffe_id(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(id) if self.expected.allows(&id) => Ok(ServerCertVerified::assertion()),
             other => Err(identity_error(format!(
                 "server identity {} is not the expected {}",
                 other.map_or_else(|| "(none)".into(), |i| i.to_string()),
-                self.expected
+                describe(&self.expected)
             ))),
         }
     }
@@ -111,16 +173,34 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// Verifies a client by chain (webpki), then by SPIFFE id against the policy.
+fn describe(policy: &PeerPolicy) -> String {
+    match policy {
+        PeerPolicy::TrustDomain(td) => format!("(any identity in trust domain {td})"),
+        PeerPolicy::Only(ids) => ids
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" or "),
+    }
+}
+
+/// Verifies a client by chain (webpki, against the current trust bundle), then by SPIFFE id.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    cell: IdentityCell,
     policy: PeerPolicy,
+    mandatory: bool,
+    provider: Arc<CryptoProvider>,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // Hints are optional, and the bundle may change under us; clients have one certificate anyway.
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
     }
 
     fn verify_client_cert(
@@ -129,7 +209,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner
+        self.cell
+            .current()
+            .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
         match peer_spiffe_id(end_entity) {
             Some(id) if self.policy.allows(&id) => Ok(ClientCertVerified::assertion()),
@@ -146,7 +228,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -155,48 +242,80 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
-/// A server config presenting `identity` and requiring a client certificate the policy allows.
+/// Presents whatever certificate the cell holds when the handshake starts.
+#[derive(Debug)]
+struct CellResolver(IdentityCell);
+
+impl ResolvesServerCert for CellResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified.clone())
+    }
+}
+
+impl ResolvesClientCert for CellResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn alpn_list(alpn: &[&str]) -> Vec<Vec<u8>> {
+    alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
+}
+
+/// A server config presenting the cell's identity and verifying clients against `policy`.
 pub fn server_config(
-    identity: &Identity,
+    cell: &IdentityCell,
     policy: PeerPolicy,
+    client_auth: ClientAuth,
     alpn: &[&str],
-) -> Result<Arc<ServerConfig>, Error> {
+) -> Result<ServerTls, Error> {
     let provider = crate::provider();
-    let webpki = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(identity.roots.clone()),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| Error::General(e.to_string()))?;
     let verifier = Arc::new(SpiffeClientVerifier {
-        inner: webpki,
+        cell: cell.clone(),
         policy,
+        mandatory: client_auth == ClientAuth::Required,
+        provider: provider.clone(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key())?;
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        .with_cert_resolver(Arc::new(CellResolver(cell.clone())));
+    config.alpn_protocols = alpn_list(alpn);
     Ok(Arc::new(config))
 }
 
-/// A client config presenting `identity` and accepting only a server that is `expected`.
+/// A client config presenting the cell's identity and accepting only a server `expected` allows.
 pub fn client_config(
-    identity: &Identity,
-    expected: SpiffeId,
+    cell: &IdentityCell,
+    expected: PeerPolicy,
     alpn: &[&str],
-) -> Result<Arc<ClientConfig>, Error> {
+) -> Result<ClientTls, Error> {
     let provider = crate::provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        roots: Arc::new(identity.roots.clone()),
+        trust: Trust::Cell(cell.clone()),
         expected,
         provider: provider.clone(),
     });
@@ -204,8 +323,34 @@ pub fn client_config(
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(identity.chain.clone(), identity.key())?;
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        .with_client_cert_resolver(Arc::new(CellResolver(cell.clone())));
+    // A resumed session carries the identity of the first handshake; after a rotation every new
+    // connection must prove the current certificate.
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = alpn_list(alpn);
+    Ok(Arc::new(config))
+}
+
+/// A client config with no certificate of its own, for a workload's first call to the CA: it trusts
+/// `roots_pem` and accepts only a server `expected` allows.
+pub fn anonymous_client_config(
+    roots_pem: &str,
+    expected: PeerPolicy,
+    alpn: &[&str],
+) -> Result<ClientTls, IdentityError> {
+    let provider = crate::provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        trust: Trust::Fixed(Arc::new(crate::identity::root_store(roots_pem)?)),
+        expected,
+        provider: provider.clone(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| IdentityError::Roots(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn_list(alpn);
     Ok(Arc::new(config))
 }
 

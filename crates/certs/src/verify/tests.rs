@@ -3,7 +3,23 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::{Ca, CaError, WorkloadKey};
+use crate::{Ca, CaError, Peer, WorkloadKey};
+
+impl Identity {
+    /// Tests hand one identity to several cells; the real path makes each once.
+    fn clone_for_test(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            serial: self.serial.clone(),
+            not_before: self.not_before,
+            not_after: self.not_after,
+            roots_pem: self.roots_pem.clone(),
+            certified: self.certified.clone(),
+            roots: self.roots.clone(),
+            client_verifier: self.client_verifier.clone(),
+        }
+    }
+}
 
 const TD: &str = "cluster.local";
 
@@ -30,42 +46,49 @@ async fn handshake(
     server: &Identity,
     policy: PeerPolicy,
 ) -> Result<SpiffeId, String> {
+    let server_cell = IdentityCell::new(server.clone_for_test());
+    let client_cell = IdentityCell::new(client.clone_for_test());
+    let server_tls = server_config(&server_cell, policy, ClientAuth::Required, &["istio"])
+        .map_err(|e| e.to_string())?;
+    let client_tls = client_config(
+        &client_cell,
+        PeerPolicy::Only(vec![expect_server]),
+        &["istio"],
+    )
+    .map_err(|e| e.to_string())?;
+    exchange(&client_tls, &server_tls)
+        .await
+        .and_then(|(peer, _)| peer.id.ok_or_else(|| "no client identity".to_string()))
+}
+
+/// One in-memory connection: the server echoes four bytes. Returns what each side saw of the other.
+async fn exchange(client: &ClientTls, server: &ServerTls) -> Result<(Peer, Peer), String> {
     let (c, s) = tokio::io::duplex(16 * 1024);
-    let acceptor = tokio_rustls::TlsAcceptor::from(
-        server_config(server, policy, &["istio"]).map_err(|e| e.to_string())?,
-    );
-    let connector = tokio_rustls::TlsConnector::from(
-        client_config(client, expect_server, &["istio"]).map_err(|e| e.to_string())?,
-    );
+    let server = server.clone();
     let server_side = tokio::spawn(async move {
-        let mut tls = acceptor.accept(s).await.map_err(|e| e.to_string())?;
-        let peer = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first().cloned())
-            .and_then(|c| peer_spiffe_id(&c));
+        let (mut tls, peer) = crate::accept(&server, s).await.map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
         tls.write_all(&buf).await.map_err(|e| e.to_string())?;
-        peer.ok_or_else(|| "no client identity".to_string())
+        Ok::<_, String>(peer)
     });
-    let name =
-        ServerName::try_from("outbound_.9080_._.backend.demo.svc.cluster.local").expect("name");
     let client_side = async {
-        let mut tls = connector
-            .connect(name, c)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut tls, peer) = crate::connect(
+            client,
+            "outbound_.9080_._.backend.demo.svc.cluster.local",
+            c,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
+        Ok::<_, String>(peer)
     };
     let client_result = client_side.await;
     let server_result = server_side.await.map_err(|e| e.to_string())?;
-    client_result?;
-    server_result
+    let server_seen = client_result?;
+    Ok((server_result?, server_seen))
 }
 
 #[tokio::test]
@@ -242,5 +265,73 @@ async fn a_user_ca_in_istios_cacerts_layout_issues_through_its_intermediate() {
         )
         .await,
         Ok(id("frontend"))
+    );
+}
+
+#[tokio::test]
+async fn rotation_swaps_the_certificate_under_a_config_built_once() {
+    let ca = ca();
+    let now = SystemTime::now();
+    let client_cell = IdentityCell::new(issue(
+        &ca,
+        &id("frontend"),
+        now,
+        crate::DEFAULT_WORKLOAD_TTL,
+    ));
+    let server_cell =
+        IdentityCell::new(issue(&ca, &id("backend"), now, crate::DEFAULT_WORKLOAD_TTL));
+    let all = PeerPolicy::TrustDomain(TD.into());
+    let server_tls =
+        server_config(&server_cell, all.clone(), ClientAuth::Required, &[]).expect("server");
+    let client_tls = client_config(&client_cell, all, &[]).expect("client");
+    let (client_seen, server_seen) = exchange(&client_tls, &server_tls).await.expect("first");
+    let first = (client_seen.serial.clone(), server_seen.serial.clone());
+    assert_eq!(
+        first.1.as_deref(),
+        Some(server_cell.current().serial.as_str())
+    );
+
+    client_cell.replace(issue(
+        &ca,
+        &id("frontend"),
+        now,
+        crate::DEFAULT_WORKLOAD_TTL,
+    ));
+    server_cell.replace(issue(&ca, &id("backend"), now, crate::DEFAULT_WORKLOAD_TTL));
+    let (client_seen, server_seen) = exchange(&client_tls, &server_tls).await.expect("after");
+    assert_ne!(
+        client_seen.serial, first.0,
+        "the server saw the client's new certificate"
+    );
+    assert_ne!(
+        server_seen.serial, first.1,
+        "the client saw the server's new certificate"
+    );
+    assert_eq!(client_seen.id, Some(id("frontend")));
+}
+
+#[tokio::test]
+async fn optional_client_auth_admits_a_client_without_a_certificate() {
+    let ca = ca();
+    let server_cell = IdentityCell::new(issue(
+        &ca,
+        &id("istiod"),
+        SystemTime::now(),
+        crate::DEFAULT_WORKLOAD_TTL,
+    ));
+    let all = PeerPolicy::TrustDomain(TD.into());
+    let expect = PeerPolicy::Only(vec![id("istiod")]);
+    let anonymous = anonymous_client_config(ca.root_pem(), expect.clone(), &[]).expect("client");
+    let optional =
+        server_config(&server_cell, all.clone(), ClientAuth::Optional, &[]).expect("server");
+    let (seen, _) = exchange(&anonymous, &optional).await.expect("admitted");
+    assert_eq!(seen.id, None);
+    let required = server_config(&server_cell, all, ClientAuth::Required, &[]).expect("server");
+    assert!(exchange(&anonymous, &required).await.is_err());
+    let wrong = anonymous_client_config(ca.root_pem(), PeerPolicy::Only(vec![id("x")]), &[])
+        .expect("client");
+    assert!(
+        exchange(&wrong, &optional).await.is_err(),
+        "wrong server identity"
     );
 }

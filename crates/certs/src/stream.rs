@@ -1,0 +1,68 @@
+//! TLS over any byte stream, reporting who the peer proved to be, so callers never handle rustls types.
+
+use std::io;
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{ClientTls, ServerTls, SpiffeId, peer_spiffe_id};
+
+pub type ServerStream<IO> = tokio_rustls::server::TlsStream<IO>;
+pub type ClientStream<IO> = tokio_rustls::client::TlsStream<IO>;
+
+/// What the handshake established about the other side.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The SPIFFE id in the peer's verified certificate; `None` when it sent none.
+    pub id: Option<SpiffeId>,
+    /// The serial of the peer's certificate, in hex, as `/certs` shows serials.
+    pub serial: Option<String>,
+    /// The negotiated application protocol.
+    pub alpn: Option<String>,
+}
+
+fn peer(conn: &rustls::CommonState) -> Peer {
+    let leaf = conn.peer_certificates().and_then(|c| c.first());
+    Peer {
+        id: leaf.and_then(peer_spiffe_id),
+        serial: leaf.and_then(|c| {
+            x509_parser::parse_x509_certificate(c.as_ref())
+                .ok()
+                .map(|(_, p)| p.raw_serial_as_string())
+        }),
+        alpn: conn
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+    }
+}
+
+/// Completes a server handshake on `io`.
+pub async fn accept<IO>(config: &ServerTls, io: IO) -> io::Result<(ServerStream<IO>, Peer)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let stream = tokio_rustls::TlsAcceptor::from(config.clone())
+        .accept(io)
+        .await?;
+    let peer = peer(stream.get_ref().1);
+    Ok((stream, peer))
+}
+
+/// Completes a client handshake on `io`, sending `sni` (Istio's `outbound_.<port>_.<subset>_.<host>`
+/// between sidecars; the server's identity is checked by SPIFFE id, not by this name).
+pub async fn connect<IO>(
+    config: &ClientTls,
+    sni: &str,
+    io: IO,
+) -> io::Result<(ClientStream<IO>, Peer)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let name = ServerName::try_from(sni.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("SNI {sni:?}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, io)
+        .await?;
+    let peer = peer(stream.get_ref().1);
+    Ok((stream, peer))
+}
