@@ -49,6 +49,8 @@ pub struct ClientConfig {
     pub node: NodeInfo,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// mTLS to the server (weftd's 15012) with the workload's certificate; `None` is plaintext (15010).
+    pub tls: Option<weft_certs::ClientTls>,
 }
 
 impl ClientConfig {
@@ -58,6 +60,7 @@ impl ClientConfig {
             node,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(15),
+            tls: None,
         }
     }
 }
@@ -172,9 +175,10 @@ impl<'a> Session<'a> {
 
     async fn run<H: Handler>(&mut self, handler: &mut H) -> Result<(), StreamError> {
         let address = self.config.address.clone();
-        let mut client = AggregatedDiscoveryServiceClient::connect(address.clone())
+        let channel = crate::tls::channel(&address, self.config.tls.clone())
             .await
             .map_err(|source| StreamError::Connect { address, source })?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
         // Resubscribe to what we already use, so a reconnect resynchronises everything at once.
         self.endpoints.names = handler.wanted_names(type_url::ENDPOINT);

@@ -1,8 +1,9 @@
-//! weft-xds: Envoy's xDS v3 wire API for Weft.
+//! weft-xds: the wire APIs between weftd and its proxies.
 //!
 //! [`pb`] re-exports the generated Envoy protobuf types; [`server`] is the aggregated discovery service
-//! (state of the world and delta) that weftd serves; [`client`] is the ADS client weft-proxy runs. This
-//! crate knows Envoy's protocol and nothing of Istio's config model.
+//! (state of the world and delta) that weftd serves; [`client`] is the ADS client weft-proxy runs;
+//! [`istio_ca`] is Istio's CA service, generated from its proto; [`tls`] carries gRPC over mTLS. This
+//! crate knows the protocols and nothing of Istio's config model.
 
 pub mod client;
 mod metrics;
@@ -10,6 +11,13 @@ mod node;
 pub mod server;
 mod snapshot;
 pub mod structs;
+pub mod tls;
+
+/// Istio's `istio.v1.auth.IstioCertificateService`, wire-compatible with istiod's.
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod istio_ca {
+    tonic::include_proto!("istio.v1.auth");
+}
 
 pub use envoy_types::pb;
 pub use metrics::{Nack, XdsMetrics};

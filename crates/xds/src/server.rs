@@ -17,6 +17,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
+use weft_certs::SpiffeId;
 use weft_drain::DrainWatcher;
 
 use crate::{
@@ -108,11 +109,12 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let caller = crate::tls::caller_identity(&request)?;
         let stream = AdsStream {
             requests: request.into_inner(),
             config: self.config.clone(),
             drain: self.drain.clone(),
-            proto: SotwState::new(self.metrics.clone()),
+            proto: SotwState::new(self.metrics.clone(), caller),
         };
         Ok(Response::new(stream.into_response_stream()))
     }
@@ -121,11 +123,12 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let caller = crate::tls::caller_identity(&request)?;
         let stream = AdsStream {
             requests: request.into_inner(),
             config: self.config.clone(),
             drain: self.drain.clone(),
-            proto: DeltaState::new(self.metrics.clone()),
+            proto: DeltaState::new(self.metrics.clone(), caller),
         };
         Ok(Response::new(stream.into_response_stream()))
     }
@@ -228,15 +231,39 @@ impl<P: Protocol> AdsStream<P> {
     }
 }
 
-/// The proxy's node from its first request, which must carry one.
+/// The proxy's node from its first request, which must carry one. On an mTLS port the namespace and
+/// service account come from the client certificate: a proxy claiming another namespace is refused,
+/// and what it says of its service account is replaced by what it proved.
 fn first_node(
     node: Option<&crate::pb::envoy::config::core::v3::Node>,
     variant: &str,
+    caller: Option<&SpiffeId>,
 ) -> Result<NodeInfo, Status> {
-    let node = NodeInfo::from(
+    let mut node = NodeInfo::from(
         node.ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?,
     );
-    info!(node = %node.id, variant, "proxy connected");
+    if let Some(id) = caller {
+        let claimed = node
+            .meta_str("NAMESPACE")
+            .map(str::to_string)
+            .or_else(|| node.id.parse::<crate::ProxyId>().ok().map(|p| p.namespace))
+            .unwrap_or_default();
+        if claimed != id.namespace {
+            return Err(Status::permission_denied(format!(
+                "node {} claims namespace {claimed:?}, but its certificate is for {id}",
+                node.id
+            )));
+        }
+        node.metadata.insert(
+            "SERVICE_ACCOUNT".into(),
+            serde_json::Value::String(id.service_account.clone()),
+        );
+        node.metadata.insert(
+            "NAMESPACE".into(),
+            serde_json::Value::String(id.namespace.clone()),
+        );
+    }
+    info!(node = %node.id, variant, identity = %caller.map_or_else(|| "(plaintext)".to_string(), ToString::to_string), "proxy connected");
     Ok(node)
 }
 
@@ -266,6 +293,7 @@ struct SotwType {
 /// The protocol state of one SotW stream, apart from IO so it can be driven directly in tests.
 struct SotwState {
     node: Option<NodeInfo>,
+    caller: Option<SpiffeId>,
     snapshot: Snapshot,
     types: BTreeMap<String, SotwType>,
     nonce: u64,
@@ -275,9 +303,10 @@ struct SotwState {
 }
 
 impl SotwState {
-    fn new(metrics: XdsMetrics) -> Self {
+    fn new(metrics: XdsMetrics, caller: Option<SpiffeId>) -> Self {
         Self {
             node: None,
+            caller,
             snapshot: Snapshot::default(),
             types: BTreeMap::new(),
             nonce: 0,
@@ -333,7 +362,11 @@ impl Protocol for SotwState {
         generator: &dyn SnapshotGenerator,
     ) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = first_node(req.node.as_ref(), "state of the world")?;
+            let node = first_node(
+                req.node.as_ref(),
+                "state of the world",
+                self.caller.as_ref(),
+            )?;
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
         }
@@ -403,6 +436,7 @@ struct DeltaType {
 
 struct DeltaState {
     node: Option<NodeInfo>,
+    caller: Option<SpiffeId>,
     snapshot: Snapshot,
     types: BTreeMap<String, DeltaType>,
     nonce: u64,
@@ -412,9 +446,10 @@ struct DeltaState {
 }
 
 impl DeltaState {
-    fn new(metrics: XdsMetrics) -> Self {
+    fn new(metrics: XdsMetrics, caller: Option<SpiffeId>) -> Self {
         Self {
             node: None,
+            caller,
             snapshot: Snapshot::default(),
             types: BTreeMap::new(),
             nonce: 0,
@@ -484,7 +519,7 @@ impl Protocol for DeltaState {
         generator: &dyn SnapshotGenerator,
     ) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = first_node(req.node.as_ref(), "delta")?;
+            let node = first_node(req.node.as_ref(), "delta", self.caller.as_ref())?;
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
         }

@@ -77,7 +77,7 @@ impl DecodeName for Cluster {
 #[test]
 fn sotw_sends_once_acks_quietly_and_pushes_only_changes() {
     let metrics = XdsMetrics::default();
-    let mut s = SotwState::new(metrics.clone());
+    let mut s = SotwState::new(metrics.clone(), None);
     let g1 = snapshot(&[("a", 1), ("b", 1)]);
     s.on_request(req(type_url::CLUSTER, &[], "", ""), &g1)
         .expect("ok");
@@ -129,7 +129,7 @@ fn sotw_sends_once_acks_quietly_and_pushes_only_changes() {
 
 #[test]
 fn sotw_named_subscriptions_get_only_their_names() {
-    let mut s = SotwState::new(XdsMetrics::default());
+    let mut s = SotwState::new(XdsMetrics::default(), None);
     let g = snapshot(&[("a", 1), ("b", 1), ("c", 1)]);
     s.on_request(req(type_url::ENDPOINT, &["c", "a", "missing"], "", ""), &g)
         .expect("ok");
@@ -154,7 +154,7 @@ fn sotw_named_subscriptions_get_only_their_names() {
 
 #[test]
 fn sotw_first_request_needs_a_node() {
-    let mut s = SotwState::new(XdsMetrics::default());
+    let mut s = SotwState::new(XdsMetrics::default(), None);
     let mut r = req(type_url::CLUSTER, &[], "", "");
     r.node = None;
     assert_eq!(
@@ -182,7 +182,7 @@ fn delta_req(
 
 #[test]
 fn delta_sends_only_changed_and_removed_resources() {
-    let mut s = DeltaState::new(XdsMetrics::default());
+    let mut s = DeltaState::new(XdsMetrics::default(), None);
     s.on_request(
         delta_req(type_url::CLUSTER, &[], &[]),
         &snapshot(&[("a", 1), ("b", 1)]),
@@ -207,16 +207,52 @@ fn delta_sends_only_changed_and_removed_resources() {
 #[test]
 fn delta_reconnect_with_known_versions_gets_nothing_new() {
     let g = snapshot(&[("a", 1)]);
-    let mut s = DeltaState::new(XdsMetrics::default());
+    let mut s = DeltaState::new(XdsMetrics::default(), None);
     s.on_request(delta_req(type_url::CLUSTER, &[], &[]), &g)
         .expect("ok");
     let version = s.pending.pop_front().expect("initial").resources[0]
         .version
         .clone();
 
-    let mut again = DeltaState::new(XdsMetrics::default());
+    let mut again = DeltaState::new(XdsMetrics::default(), None);
     again
         .on_request(delta_req(type_url::CLUSTER, &[], &[("a", &version)]), &g)
         .expect("ok");
     assert!(again.pending.is_empty());
+}
+
+#[test]
+fn on_an_mtls_port_the_certificate_decides_namespace_and_service_account() {
+    use crate::pb::envoy::config::core::v3::Node;
+    let node = |ns: &str, sa: &str| Node {
+        id: format!("sidecar~10.0.0.1~web-0.{ns}~{ns}.svc.cluster.local"),
+        metadata: Some(crate::structs::json_to_struct(
+            &serde_json::json!({"NAMESPACE": ns, "SERVICE_ACCOUNT": sa})
+                .as_object()
+                .expect("object")
+                .clone(),
+        )),
+        ..Default::default()
+    };
+    let cert = SpiffeId::new("cluster.local", "demo", "web");
+    let plain = first_node(Some(&node("demo", "admin")), "test", None).expect("plaintext");
+    assert_eq!(
+        plain.meta_str("SERVICE_ACCOUNT"),
+        Some("admin"),
+        "plaintext trusts the claim"
+    );
+    let proved = first_node(Some(&node("demo", "admin")), "test", Some(&cert)).expect("same ns");
+    assert_eq!(
+        proved.meta_str("SERVICE_ACCOUNT"),
+        Some("web"),
+        "the certificate wins"
+    );
+    let err = first_node(Some(&node("prod", "web")), "test", Some(&cert)).expect_err("other ns");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("spiffe://cluster.local/ns/demo/sa/web"),
+        "{}",
+        err.message()
+    );
 }
