@@ -61,6 +61,8 @@ where
 pub struct Mesh {
     pub dir: PathBuf,
     pub xds: SocketAddr,
+    /// weftd's 15012: the CA and xDS over mTLS.
+    pub secure: SocketAddr,
     pub monitoring: SocketAddr,
     pub xds_metrics: weft_xds::XdsMetrics,
     trigger: Option<DrainTrigger>,
@@ -96,6 +98,7 @@ impl Mesh {
         let mut mesh = Self {
             dir,
             xds: "127.0.0.1:0".parse().expect("addr"),
+            secure: "127.0.0.1:0".parse().expect("addr"),
             monitoring: "127.0.0.1:0".parse().expect("addr"),
             xds_metrics: Default::default(),
             trigger: Some(trigger),
@@ -112,16 +115,22 @@ impl Mesh {
         let app = weftd::app::build(weftd::app::Config {
             config_dir: self.dir.clone(),
             xds_address: self.xds,
+            secure_address: self.secure,
             monitoring_address: self.monitoring,
             mesh: weftd::translate::MeshOptions {
                 access_log_file: self.dir.join("access.log").display().to_string(),
+                ..Default::default()
             },
             poll_interval: Duration::from_millis(50),
+            ca_dir: Some(self.dir.join("ca")),
+            identity_dir: Some(self.identity_dir()),
+            lifetimes: Default::default(),
         })
         .await
         .expect("weftd builds");
-        (self.xds, self.monitoring, self.xds_metrics) = (
+        (self.xds, self.secure, self.monitoring, self.xds_metrics) = (
             app.xds_address(),
+            app.secure_address(),
             app.monitoring_address(),
             app.xds_metrics(),
         );
@@ -149,10 +158,56 @@ impl Mesh {
         std::fs::rename(&tmp, self.dir.join(name)).expect("rename manifest");
     }
 
+    /// Where weftd writes the trust bundle and bootstrap tokens.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.dir.join("identity")
+    }
+
     /// Starts a proxy for a pod in namespace `test` with the given labels.
     pub async fn proxy(&mut self, pod: &str, ip: IpAddr, labels: &[(&str, &str)]) -> Proxy {
+        self.proxy_with(pod, ip, labels, None).await
+    }
+
+    /// A proxy with a workload identity: its certificate comes from weftd's CA (asking for `ttl`),
+    /// proved by the bootstrap token weftd wrote for its service account (the pod's name), and it
+    /// takes xDS over mTLS on 15012. Writes the Pod so weftd knows the service account.
+    pub async fn proxy_mtls(
+        &mut self,
+        pod: &str,
+        ip: IpAddr,
+        labels: &[(&str, &str)],
+        ttl: Duration,
+    ) -> Proxy {
+        let token = self
+            .identity_dir()
+            .join("test")
+            .join(pod)
+            .join("istio-token");
+        if !token.exists() {
+            self.write(
+                &format!("pod-{pod}.yaml"),
+                &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}-client, namespace: test}}\nspec: {{serviceAccountName: {pod}}}\n"),
+            );
+            wait_for("a bootstrap token", Duration::from_secs(10), || {
+                let exists = token.exists();
+                async move { exists.then_some(()) }
+            })
+            .await;
+        }
+        let mut labels = labels.to_vec();
+        labels.push(("security.istio.io/tlsMode", "istio"));
+        self.proxy_with(pod, ip, &labels, Some((token, ttl))).await
+    }
+
+    async fn proxy_with(
+        &mut self,
+        pod: &str,
+        ip: IpAddr,
+        labels: &[(&str, &str)],
+        identity: Option<(PathBuf, Duration)>,
+    ) -> Proxy {
         let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-        let vars: Vec<(String, String)> = vec![
+        let mut vars: Vec<(String, String)> = vec![
             ("POD_NAME".into(), pod.into()),
             ("POD_NAMESPACE".into(), "test".into()),
             ("INSTANCE_IP".into(), ip.to_string()),
@@ -162,8 +217,25 @@ impl Mesh {
                 serde_json::to_string(&labels).expect("json"),
             ),
         ];
-        let config = weft_proxy::config::Config::from_env(format!("http://{}", self.xds), &vars)
-            .expect("proxy config");
+        let xds = match &identity {
+            None => format!("http://{}", self.xds),
+            Some((token, ttl)) => {
+                vars.extend([
+                    ("CA_ADDR".into(), self.secure.to_string()),
+                    ("SECRET_TTL".into(), format!("{}ms", ttl.as_millis())),
+                    (
+                        "WEFT_CA_ROOT_CERT".into(),
+                        self.identity_dir()
+                            .join("root-cert.pem")
+                            .display()
+                            .to_string(),
+                    ),
+                    ("WEFT_CA_TOKEN_FILE".into(), token.display().to_string()),
+                ]);
+                format!("https://{}", self.secure)
+            }
+        };
+        let config = weft_proxy::config::Config::from_env(xds, &vars).expect("proxy config");
         let app = weft_proxy::app::build(config).await.expect("proxy builds");
         let proxy = Proxy {
             ip,
@@ -237,6 +309,33 @@ pub fn service(
     port: u16,
     endpoints: &[(IpAddr, &str, &str)],
 ) -> String {
+    service_pods(name, port_name, port, endpoints, "")
+}
+
+/// As [`service`], with pods labelled as running a sidecar (`security.istio.io/tlsMode: istio`), so
+/// clients reach them over mTLS. Each pod's service account is its name.
+pub fn mtls_service(
+    name: &str,
+    port_name: &str,
+    port: u16,
+    endpoints: &[(IpAddr, &str, &str)],
+) -> String {
+    service_pods(
+        name,
+        port_name,
+        port,
+        endpoints,
+        ", security.istio.io/tlsMode: istio",
+    )
+}
+
+fn service_pods(
+    name: &str,
+    port_name: &str,
+    port: u16,
+    endpoints: &[(IpAddr, &str, &str)],
+    extra_labels: &str,
+) -> String {
     let mut out = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  ports: [{{name: {port_name}, port: {port}}}]\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: test, labels: {{kubernetes.io/service-name: {name}}}}}\n\
@@ -249,7 +348,7 @@ pub fn service(
     }
     for (_, pod, version) in endpoints {
         out.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: test, labels: {{app: {name}, version: {version}}}}}\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: test, labels: {{app: {name}, version: {version}{extra_labels}}}}}\nspec: {{serviceAccountName: {pod}}}\n"
         ));
     }
     out

@@ -1,5 +1,5 @@
-//! The admin endpoints, on Istio's ports: `/config_dump`, `/clusters`, `/ready` and `/stats/prometheus`
-//! on 15000, and `/stats/prometheus` on 15090.
+//! The admin endpoints, on Istio's ports: `/config_dump`, `/clusters`, `/certs`, `/ready` and
+//! `/stats/prometheus` on 15000, and `/stats/prometheus` on 15090.
 
 use std::{convert::Infallible, fmt::Write, sync::Arc};
 
@@ -26,7 +26,10 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 /// An Envoy-shaped dump of what is applied: the same sections as Envoy's `/config_dump`, with each
 /// resource in weft-proxy's own typed form.
-pub fn config_dump(state: &ProxyState) -> serde_json::Value {
+pub fn config_dump(
+    state: &ProxyState,
+    identity: Option<&weft_certs::IdentityCell>,
+) -> serde_json::Value {
     let clusters: Vec<_> = state
         .clusters
         .values()
@@ -37,6 +40,7 @@ pub fn config_dump(state: &ProxyState) -> serde_json::Value {
             {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": state.listeners.values().collect::<Vec<_>>()},
             {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
             {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": state.routes.values().map(|r| r.as_ref()).collect::<Vec<_>>()},
+            {"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump", "dynamic_active_secrets": crate::identity::certs_json(identity)},
         ],
         "versions": state.versions,
         "xds_connected": state.xds_connected,
@@ -70,15 +74,22 @@ pub fn clusters_text(state: &ProxyState) -> String {
 fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
     let state = ctx.state.borrow().clone();
     match req.uri().path() {
-        "/config_dump" => match serde_json::to_string_pretty(&config_dump(&state)) {
-            Ok(s) => reply(StatusCode::OK, "application/json", s),
-            Err(e) => reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                e.to_string(),
-            ),
-        },
+        "/config_dump" => {
+            match serde_json::to_string_pretty(&config_dump(&state, ctx.tls.identity())) {
+                Ok(s) => reply(StatusCode::OK, "application/json", s),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
         "/clusters" => reply(StatusCode::OK, "text/plain", clusters_text(&state)),
+        "/certs" => reply(
+            StatusCode::OK,
+            "application/json",
+            crate::identity::certs_json(ctx.tls.identity()).to_string(),
+        ),
         "/ready" | "/healthz/ready" => {
             if state.ready() && !ctx.drain.is_draining() {
                 reply(StatusCode::OK, "text/plain", "LIVE\n".into())

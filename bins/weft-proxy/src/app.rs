@@ -84,9 +84,33 @@ impl App {
             stats,
             state,
         } = self;
+        let mut tasks = JoinSet::new();
+        // The certificate comes first: listeners and clusters that need mTLS refer to it.
+        let identity = match &config.identity {
+            None => None,
+            Some(identity) => {
+                let Some(cell) =
+                    crate::identity::bootstrap(identity, &config.spiffe_id, &drain).await
+                else {
+                    return;
+                };
+                tasks.spawn(
+                    crate::identity::rotate(
+                        identity.clone(),
+                        config.spiffe_id.clone(),
+                        cell.clone(),
+                        drain.clone(),
+                    )
+                    .instrument(info_span!("identity")),
+                );
+                Some(cell)
+            }
+        };
+        let tls = Arc::new(crate::mtls::TlsConfigs::new(identity.clone()));
         let mut registry = Registry::default();
         let metrics = IstioMetrics::new(&mut registry);
         let ctx = Arc::new(Ctx {
+            tls: tls.clone(),
             state: state.subscribe(),
             metrics,
             registry: Arc::new(registry),
@@ -96,12 +120,26 @@ impl App {
             tasks: Default::default(),
         });
         info!(node = %config.node.id, xds = %config.xds_address, "weft-proxy starting");
-        let mut tasks = JoinSet::new();
         tasks.spawn(admin::serve(admin, ctx.clone()).instrument(info_span!("admin")));
         tasks.spawn(admin::serve(stats, ctx.clone()).instrument(info_span!("stats")));
-        let handler = XdsHandler::new(state, ListenerManager::new(ctx.clone()));
-        let xds =
+        let handler = XdsHandler::new(state, ListenerManager::new(ctx.clone()), tls);
+        let mut xds =
             weft_xds::client::ClientConfig::new(config.xds_address.clone(), config.node.clone());
+        if config.xds_address.starts_with("https://") {
+            // weftd's 15012 takes this proxy's namespace and service account from its certificate.
+            let (Some(cell), Some(identity)) = (&identity, &config.identity) else {
+                tracing::error!(xds = %config.xds_address, "xDS over mTLS needs a workload certificate: set CA_ADDR");
+                return;
+            };
+            let expected = weft_certs::PeerPolicy::Only(vec![identity.control_plane.clone()]);
+            match weft_certs::client_config(cell, expected, &["h2"]) {
+                Ok(tls) => xds.tls = Some(tls),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up TLS to the control plane");
+                    return;
+                }
+            }
+        }
         tasks.spawn(
             weft_xds::client::run(xds, handler, drain.clone()).instrument(info_span!("xds")),
         );

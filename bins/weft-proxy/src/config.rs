@@ -7,7 +7,10 @@ use std::{
 };
 
 use serde_json::{Map, Value};
+use weft_certs::SpiffeId;
 use weft_xds::{NodeInfo, ProxyId};
+
+use crate::identity::IdentityConfig;
 
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
@@ -16,6 +19,15 @@ pub const ENV_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
 /// Istio passes pod labels to the agent as JSON in this variable.
 pub const ENV_LABELS_JSON: &str = "ISTIO_METAJSON_LABELS";
 pub const ENV_META_PREFIX: &str = "ISTIO_META_";
+/// Istio's agent settings for certificates.
+pub const ENV_CA_ADDR: &str = "CA_ADDR";
+pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+pub const ENV_SECRET_TTL: &str = "SECRET_TTL";
+/// Where the trust bundle and bootstrap token are, defaulting to where Istio mounts them in a pod.
+pub const ENV_ROOT_CERT: &str = "WEFT_CA_ROOT_CERT";
+pub const ENV_TOKEN_FILE: &str = "WEFT_CA_TOKEN_FILE";
+const DEFAULT_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
+const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
 pub const ADMIN_PORT: u16 = 15000;
 pub const STATS_PORT: u16 = 15090;
 
@@ -28,6 +40,36 @@ pub struct Config {
     pub drain_duration: Duration,
     /// This workload, for the `source_*`/`destination_*` metric labels.
     pub workload: Workload,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub spiffe_id: SpiffeId,
+    /// Where to get certificates; `None` (no `CA_ADDR`) runs without an identity, plaintext only.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// Go-style durations as Istio's agent takes them (`24h`, `90m`, `1h30m`, `45s`).
+fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut number = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            continue;
+        }
+        let unit = match (c, chars.peek()) {
+            ('m', Some('s')) => {
+                chars.next();
+                0.001
+            }
+            ('h', _) => 3600.0,
+            ('m', _) => 60.0,
+            ('s', _) => 1.0,
+            _ => return None,
+        };
+        total += number.parse::<f64>().ok()? * unit;
+        number.clear();
+    }
+    (number.is_empty() && total > 0.0).then(|| Duration::from_secs_f64(total))
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -114,6 +156,38 @@ impl Config {
                     app.clone()
                 }
             });
+        let trust_domain = get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into());
+        let spiffe_id = SpiffeId::new(&trust_domain, &namespace, &sa);
+        let identity = match get(ENV_CA_ADDR) {
+            None => None,
+            Some(addr) => {
+                let ttl = match get(ENV_SECRET_TTL) {
+                    None => weft_certs::DEFAULT_WORKLOAD_TTL,
+                    Some(t) => parse_go_duration(&t).ok_or_else(|| ConfigError::Invalid {
+                        name: ENV_SECRET_TTL.into(),
+                        value: t.clone(),
+                        reason: "a duration such as 24h, 90m or 45s".into(),
+                    })?,
+                };
+                Some(IdentityConfig {
+                    ca_address: if addr.contains("://") {
+                        addr
+                    } else {
+                        format!("https://{addr}")
+                    },
+                    root_cert: get(ENV_ROOT_CERT)
+                        .unwrap_or_else(|| DEFAULT_ROOT_CERT.into())
+                        .into(),
+                    token_file: Some(
+                        get(ENV_TOKEN_FILE)
+                            .unwrap_or_else(|| DEFAULT_TOKEN_FILE.into())
+                            .into(),
+                    ),
+                    control_plane: SpiffeId::new(&trust_domain, "istio-system", "istiod"),
+                    ttl,
+                })
+            }
+        };
         let id = ProxyId {
             proxy_type: "sidecar".into(),
             ip,
@@ -149,6 +223,8 @@ impl Config {
                 version,
                 service_account: sa,
             },
+            spiffe_id,
+            identity,
         })
     }
 }
@@ -189,6 +265,35 @@ mod tests {
         assert_eq!(c.node.meta_str("CLUSTER_ID"), Some("Kubernetes"));
         assert_eq!(c.workload.name, "backend-v1");
         assert_eq!(c.admin_address.to_string(), "127.0.0.21:15000");
+    }
+
+    #[test]
+    fn identity_settings_follow_istios_agent() {
+        let base = [
+            ("POD_NAME", "web-0"),
+            ("POD_NAMESPACE", "demo"),
+            ("INSTANCE_IP", "10.0.0.1"),
+            ("SERVICE_ACCOUNT", "web"),
+        ];
+        let c = Config::from_env(String::new(), &vars(&base)).expect("valid");
+        assert_eq!(c.identity, None, "no CA_ADDR, no identity");
+        assert_eq!(
+            c.spiffe_id.to_string(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+        let mut with_ca = base.to_vec();
+        with_ca.extend([("CA_ADDR", "weftd:15012"), ("SECRET_TTL", "1h30m")]);
+        let c = Config::from_env(String::new(), &vars(&with_ca)).expect("valid");
+        let identity = c.identity.expect("identity");
+        assert_eq!(identity.ca_address, "https://weftd:15012");
+        assert_eq!(identity.ttl, Duration::from_secs(5400));
+        assert_eq!(
+            identity.control_plane.to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/istiod"
+        );
+        assert_eq!(parse_go_duration("24h"), Some(Duration::from_secs(86400)));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("soon"), None);
     }
 
     #[test]

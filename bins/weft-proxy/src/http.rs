@@ -34,6 +34,8 @@ pub struct ConnInfo {
     pub peer: std::net::SocketAddr,
     pub inbound: bool,
     pub http: HttpConfig,
+    /// Who the client proved to be over mTLS.
+    pub source_principal: Option<weft_certs::SpiffeId>,
 }
 
 /// Bodies up to this size are kept so a failed attempt can be retried, as Linkerd and Envoy limit it.
@@ -489,7 +491,7 @@ async fn forward(
                 ));
             };
             let uri = match Uri::builder()
-                .scheme("http")
+                .scheme(if endpoint.tls { "https" } else { "http" })
                 .authority(endpoint.config.address.to_string())
                 .path_and_query(path.as_str())
                 .build()

@@ -84,6 +84,8 @@ mod tests {
     fn cluster(lb: LbPolicy, eps: &[(&str, u32, bool)]) -> ClusterState {
         let config = ClusterConfig {
             name: "c".into(),
+            tls: None,
+            tls_matches: vec![],
             lb,
             connect_timeout: std::time::Duration::from_secs(1),
             http2: false,
@@ -104,8 +106,10 @@ mod tests {
                             weight: *w,
                             healthy: *h,
                             workload: WorkloadRef::default(),
+                            socket_match: Default::default(),
                         },
                         active: AtomicUsize::new(0),
+                        tls: false,
                     })
                 })
                 .collect(),

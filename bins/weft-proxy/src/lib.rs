@@ -10,10 +10,12 @@ pub mod app;
 pub mod config;
 mod detect;
 mod http;
+pub mod identity;
 pub mod iptables;
 mod lb;
 mod listeners;
 pub mod model;
+mod mtls;
 pub mod state;
 mod tcp;
 
@@ -36,6 +38,8 @@ pub struct Ctx {
     pub registry: Arc<Registry>,
     pub workload: Workload,
     pub drain: DrainWatcher,
+    /// TLS configs on the workload's identity, when it has one.
+    tls: Arc<mtls::TlsConfigs>,
     access_log: access_log::AccessLog,
     /// Upgraded (WebSocket) tunnels outlive the request that made them; this set owns them.
     tasks: TaskSet,
@@ -123,7 +127,15 @@ impl Ctx {
             l.destination_workload_namespace = me.namespace.clone();
             l.destination_app = me.app.clone();
             l.destination_version = me.version.clone();
-            l.destination_principal = "unknown".into();
+            l.destination_principal = self
+                .tls
+                .identity()
+                .map_or_else(|| "unknown".into(), |c| c.current().id.to_string());
+            if let Some(id) = &conn.source_principal {
+                l.source_principal = id.to_string();
+                l.source_workload_namespace = id.namespace.clone();
+                l.connection_security_policy = "mutual_tls".into();
+            }
         } else {
             l.source_workload = me.name.clone();
             l.source_workload_namespace = me.namespace.clone();
@@ -135,7 +147,20 @@ impl Ctx {
                 or_unknown(dest.map_or("", |w| w.namespace.as_str()));
             l.destination_app = or_unknown(dest.map_or("", |w| w.app.as_str()));
             l.destination_version = or_unknown(dest.map_or("", |w| w.version.as_str()));
-            l.destination_principal = "unknown".into();
+            l.source_principal = self
+                .tls
+                .identity()
+                .map_or_else(|| "unknown".into(), |c| c.current().id.to_string());
+            // The server's identity, when mTLS pins it to one (Istio learns it by metadata exchange).
+            let pinned = o
+                .endpoint
+                .filter(|e| e.tls)
+                .and_then(|e| o.cluster.and_then(|c| c.config.tls_for(&e.config)))
+                .and_then(|t| match t.peers.as_slice() {
+                    [one] => Some(one.clone()),
+                    _ => None,
+                });
+            l.destination_principal = pinned.unwrap_or_else(|| "unknown".into());
         }
         l
     }

@@ -138,28 +138,24 @@ async fn accept_loop(
             } else {
                 None
             };
-            let Some(kind) = config.chain_for(target.port(), detected.as_ref()).cloned() else {
+            let Some(chain) = config.chain_for(target.port(), detected.as_ref()).cloned() else {
                 debug!(%peer, %target, listener = %config.name, ?detected, "no filter chain for this connection; closing");
                 return;
             };
-            match kind {
-                ListenerKind::Tcp(tcp) => {
-                    tcp::proxy(stream, peer, target, &config.name, config.inbound, &tcp, &ctx).await
-                }
-                ListenerKind::Http(http_config) => {
-                    let info = Arc::new(ConnInfo { local: target, peer, inbound: config.inbound, http: http_config });
-                    let svc_ctx = ctx.clone();
-                    let svc = service_fn(move |req| http::handle(req, svc_ctx.clone(), info.clone()));
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    let mut stop = stop;
-                    tokio::select! {
-                        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "connection ended with an error") },
-                        () = stopped(&mut stop, &ctx) => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
+            let conn = Conn { peer, target, listener: &config.name, inbound: config.inbound };
+            match &chain.tls {
+                None => serve(stream, None, conn, chain.kind, &ctx, stop).await,
+                Some(tls) => {
+                    // The chain was picked from the ClientHello; the handshake proves who is calling.
+                    let accepted = match ctx.tls.server(tls) {
+                        Ok(server) => weft_certs::accept(&server, stream).await,
+                        Err(e) => Err(e),
+                    };
+                    match accepted {
+                        Ok((stream, tls_peer)) => {
+                            serve(stream, Some(tls_peer), conn, chain.kind, &ctx, stop).await
                         }
+                        Err(e) => debug!(%peer, listener = %config.name, error = %e, "mTLS handshake refused"),
                     }
                 }
             }
@@ -168,6 +164,62 @@ async fn accept_loop(
     }
     // Stop accepting, then let connections in flight finish (each watches the same signal to wind down).
     while conns.join_next().await.is_some() {}
+}
+
+/// Where a connection came from and was going, for the filters.
+struct Conn<'a> {
+    peer: SocketAddr,
+    target: SocketAddr,
+    listener: &'a str,
+    inbound: bool,
+}
+
+/// Runs a chain's filter over a connection, plaintext or already decrypted. `tls` is what the mTLS
+/// handshake proved, if there was one.
+async fn serve<IO>(
+    stream: IO,
+    tls: Option<weft_certs::Peer>,
+    conn: Conn<'_>,
+    kind: ListenerKind,
+    ctx: &Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let source_principal = tls.and_then(|p| p.id);
+    match kind {
+        ListenerKind::Tcp(tcp) => {
+            let downstream = tcp::Downstream {
+                peer: conn.peer,
+                target: conn.target,
+                listener: conn.listener,
+                inbound: conn.inbound,
+                source_principal: source_principal.as_ref(),
+            };
+            tcp::proxy(stream, downstream, &tcp, ctx).await
+        }
+        ListenerKind::Http(http_config) => {
+            let info = Arc::new(ConnInfo {
+                local: conn.target,
+                peer: conn.peer,
+                inbound: conn.inbound,
+                http: http_config,
+                source_principal,
+            });
+            let svc_ctx = ctx.clone();
+            let svc = service_fn(move |req| http::handle(req, svc_ctx.clone(), info.clone()));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::pin!(served);
+            tokio::select! {
+                r = served.as_mut() => if let Err(e) = r { debug!(error = %e, "connection ended with an error") },
+                () = stopped(&mut stop, ctx) => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = served.await;
+                }
+            }
+        }
+    }
 }
 
 /// Where a redirected connection was headed (`SO_ORIGINAL_DST`); `None` when it was not redirected.

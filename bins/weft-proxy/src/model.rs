@@ -11,6 +11,9 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::detect::Detected;
+
+mod tls;
+pub use tls::{DownstreamTls, UpstreamTls};
 use weft_xds::{
     pb::{
         envoy::{
@@ -165,6 +168,8 @@ pub struct FilterChainConfig {
     pub server_names: Vec<String>,
     pub transport_protocol: Option<String>,
     pub application_protocols: Vec<String>,
+    /// Terminate mTLS before the filters see the bytes.
+    pub tls: Option<DownstreamTls>,
     pub kind: ListenerKind,
 }
 
@@ -265,9 +270,10 @@ impl TryFrom<&Listener> for ListenerConfig {
         let mut chains = Vec::new();
         for (i, chain) in l.filter_chains.iter().enumerate() {
             let field = |f: &str| format!("filter_chains[{i}].{f}");
-            if chain.transport_socket.is_some() {
-                return Err(unsupported(K, name, &field("transport_socket")));
-            }
+            let tls = match &chain.transport_socket {
+                Some(ts) => tls::downstream(ts, K, name, &field("transport_socket"))?,
+                None => None,
+            };
             let destination_port = match &chain.filter_chain_match {
                 None => None,
                 Some(m) => {
@@ -339,6 +345,7 @@ impl TryFrom<&Listener> for ListenerConfig {
                 server_names: m.server_names,
                 transport_protocol: Some(m.transport_protocol).filter(|t| !t.is_empty()),
                 application_protocols: m.application_protocols,
+                tls,
                 kind,
             });
         }
@@ -382,7 +389,7 @@ impl ListenerConfig {
 
     /// Envoy's chain selection: destination port, then server name, transport protocol and application
     /// protocol, the most specific match winning at each step.
-    pub fn chain_for(&self, port: u16, detected: Option<&Detected>) -> Option<&ListenerKind> {
+    pub fn chain_for(&self, port: u16, detected: Option<&Detected>) -> Option<&FilterChainConfig> {
         let transport = detected.map_or("raw_buffer", Detected::transport_protocol);
         let protocols = detected
             .map(Detected::application_protocols)
@@ -411,7 +418,6 @@ impl ListenerConfig {
                     !c.application_protocols.is_empty(),
                 )
             })
-            .map(|c| &c.kind)
     }
 }
 
@@ -1133,6 +1139,12 @@ pub enum LbPolicy {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ClusterConfig {
     pub name: String,
+    /// The cluster's transport socket; `None` is plaintext.
+    pub tls: Option<UpstreamTls>,
+    /// `transport_socket_matches`: the first whose fields an endpoint's
+    /// `envoy.transport_socket_match` metadata holds decides, else `tls`. This is Istio's auto mTLS:
+    /// endpoints with a sidecar carry `tlsMode: istio`.
+    pub tls_matches: Vec<TlsMatch>,
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub http2: bool,
@@ -1145,6 +1157,26 @@ pub struct ClusterConfig {
     pub static_endpoints: Option<Vec<EndpointConfig>>,
     /// The services an inbound cluster serves (Istio's `istio.services` metadata), for metrics.
     pub services: Vec<ServiceRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TlsMatch {
+    pub fields: BTreeMap<String, String>,
+    pub tls: Option<UpstreamTls>,
+}
+
+impl ClusterConfig {
+    /// How to connect to `endpoint`: mTLS with these settings, or plaintext.
+    pub fn tls_for(&self, endpoint: &EndpointConfig) -> Option<&UpstreamTls> {
+        self.tls_matches
+            .iter()
+            .find(|m| {
+                m.fields
+                    .iter()
+                    .all(|(k, v)| endpoint.socket_match.get(k) == Some(v))
+            })
+            .map_or(self.tls.as_ref(), |m| m.tls.as_ref())
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -1160,6 +1192,8 @@ pub struct EndpointConfig {
     pub weight: u32,
     pub healthy: bool,
     pub workload: WorkloadRef,
+    /// The endpoint's `envoy.transport_socket_match` metadata (Istio's `tlsMode`).
+    pub socket_match: BTreeMap<String, String>,
 }
 
 /// Istio's `workload` endpoint metadata: who serves behind an endpoint, for metrics labels.
@@ -1183,14 +1217,10 @@ impl TryFrom<&Cluster> for ClusterConfig {
     fn try_from(c: &Cluster) -> Result<Self, Rejection> {
         const K: &str = "cluster";
         let name = c.name.as_str();
-        let checks: [(&str, bool); 8] = [
+        let checks: [(&str, bool); 7] = [
             ("outlier_detection", c.outlier_detection.is_some()),
             ("circuit_breakers", c.circuit_breakers.is_some()),
             ("health_checks", !c.health_checks.is_empty()),
-            (
-                "transport_socket",
-                c.transport_socket.is_some() || !c.transport_socket_matches.is_empty(),
-            ),
             ("lb_subset_config", c.lb_subset_config.is_some()),
             ("common_lb_config", c.common_lb_config.is_some()),
             (
@@ -1313,8 +1343,36 @@ impl TryFrom<&Cluster> for ClusterConfig {
                     .collect()
             })
             .unwrap_or_default();
+        let tls = match &c.transport_socket {
+            Some(ts) => tls::upstream(ts, K, name, "transport_socket")?,
+            None => None,
+        };
+        let mut tls_matches = Vec::new();
+        for (i, m) in c.transport_socket_matches.iter().enumerate() {
+            let field = format!("transport_socket_matches[{i}]");
+            let Some(ts) = &m.transport_socket else {
+                return Err(reject(K, name, field, "transport_socket is required"));
+            };
+            let fields = m
+                .r#match
+                .as_ref()
+                .map(structs::struct_to_json)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => Ok((k, s)),
+                    _ => Err(reject(K, name, &field, "match values must be strings")),
+                })
+                .collect::<Result<_, _>>()?;
+            tls_matches.push(TlsMatch {
+                fields,
+                tls: tls::upstream(ts, K, name, &field)?,
+            });
+        }
         Ok(Self {
             name: name.to_string(),
+            tls,
+            tls_matches,
             lb,
             connect_timeout: c
                 .connect_timeout
@@ -1378,11 +1436,23 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointConfig>, Rej
                     .map_or(1, |w| w.value.max(1)),
                 healthy: matches!(health, HealthStatus::Unknown | HealthStatus::Healthy),
                 workload,
+                socket_match: e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get(TRANSPORT_SOCKET_MATCH))
+                    .map(structs::struct_to_json)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
+                    .collect(),
             });
         }
     }
     Ok(out)
 }
+
+/// The endpoint metadata namespace `transport_socket_matches` look in.
+pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
 
 /// All resources of one type, converted; the first rejection fails the whole update.
 pub fn convert_all<P: Message + Name + Default, T>(

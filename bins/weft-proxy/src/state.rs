@@ -6,6 +6,7 @@ use std::{
     sync::{Arc, atomic::AtomicUsize},
 };
 
+use crate::mtls::{self, MeshConnector, TlsConfigs};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Bytes;
 use hyper_util::{
@@ -32,13 +33,15 @@ use crate::{
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
-pub type HttpClient = Client<HttpConnector, Body>;
+pub type HttpClient = Client<MeshConnector, Body>;
 
 /// One upstream endpoint with the requests in flight to it (for LEAST_REQUEST).
 #[derive(Debug)]
 pub struct EndpointState {
     pub config: EndpointConfig,
     pub active: AtomicUsize,
+    /// Connect with mTLS (the cluster's transport socket for this endpoint says so).
+    pub tls: bool,
 }
 
 /// A cluster ready for traffic: its settings, its endpoints and its pooled connections.
@@ -76,14 +79,39 @@ impl ProxyState {
     }
 }
 
-fn client_for(config: &ClusterConfig) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
+/// The cluster's mTLS settings: Istio gives every TLS variant of a cluster the same ones, and
+/// only switches them on or off per endpoint.
+fn upstream_tls(config: &ClusterConfig) -> Option<&model::UpstreamTls> {
+    config
+        .tls_matches
+        .iter()
+        .find_map(|m| m.tls.as_ref())
+        .or(config.tls.as_ref())
+}
+
+fn client_for(config: &ClusterConfig, tls: &TlsConfigs) -> Result<HttpClient, String> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_nodelay(true);
+    // https:// marks the endpoints that take mTLS; the connector does the TLS.
+    http.enforce_http(false);
+    let alpn = if config.http2 {
+        mtls::ALPN_H2
+    } else {
+        mtls::ALPN_HTTP11
+    };
+    let tls = match upstream_tls(config) {
+        None => None,
+        Some(u) => Some((
+            tls.client(u, Some(alpn))
+                .map_err(|e| format!("cluster {}: transport_socket: {e}", config.name))?,
+            u.sni.clone(),
+        )),
+    };
+    Ok(Client::builder(TokioExecutor::new())
         .http2_only(config.http2)
         .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .build(connector)
+        .build(MeshConnector { http, tls }))
 }
 
 /// Applies xDS updates to the proxy state and the bound listeners.
@@ -92,14 +120,20 @@ pub struct XdsHandler {
     /// Endpoints by cluster name, as EDS last delivered them.
     eds: HashMap<String, Vec<EndpointConfig>>,
     listeners: ListenerManager,
+    tls: Arc<TlsConfigs>,
 }
 
 impl XdsHandler {
-    pub fn new(state: watch::Sender<Arc<ProxyState>>, listeners: ListenerManager) -> Self {
+    pub fn new(
+        state: watch::Sender<Arc<ProxyState>>,
+        listeners: ListenerManager,
+        tls: Arc<TlsConfigs>,
+    ) -> Self {
         Self {
             state,
             eds: HashMap::new(),
             listeners,
+            tls,
         }
     }
 
@@ -124,7 +158,7 @@ impl XdsHandler {
         &self,
         config: ClusterConfig,
         previous: Option<&ClusterState>,
-    ) -> ClusterState {
+    ) -> Result<ClusterState, String> {
         let endpoints = config
             .static_endpoints
             .clone()
@@ -132,14 +166,15 @@ impl XdsHandler {
         // Keep pooled connections when only endpoints change.
         let client = match previous {
             Some(p) if p.config == config => p.client.clone(),
-            _ => client_for(&config),
+            _ => client_for(&config, &self.tls)?,
         };
-        ClusterState {
+        Ok(ClusterState {
             endpoints: endpoints
                 .into_iter()
-                .map(|config| {
+                .map(|e| {
                     Arc::new(EndpointState {
-                        config,
+                        tls: config.tls_for(&e).is_some(),
+                        config: e,
                         active: AtomicUsize::new(0),
                     })
                 })
@@ -147,7 +182,7 @@ impl XdsHandler {
             config,
             next: AtomicUsize::new(0),
             client,
-        }
+        })
     }
 }
 
@@ -162,9 +197,9 @@ impl Handler for XdsHandler {
                     .into_iter()
                     .map(|c| {
                         let prev = current.clusters.get(&c.name).map(Arc::as_ref);
-                        (c.name.clone(), Arc::new(self.cluster_state(c, prev)))
+                        Ok((c.name.clone(), Arc::new(self.cluster_state(c, prev)?)))
                     })
-                    .collect();
+                    .collect::<Result<_, String>>()?;
                 self.eds.retain(|name, _| clusters.contains_key(name));
                 self.publish(|s| {
                     s.clusters = clusters;
@@ -181,12 +216,12 @@ impl Handler for XdsHandler {
                     .clusters
                     .iter()
                     .map(|(name, c)| {
-                        (
+                        Ok((
                             name.clone(),
-                            Arc::new(self.cluster_state(c.config.clone(), Some(c))),
-                        )
+                            Arc::new(self.cluster_state(c.config.clone(), Some(c))?),
+                        ))
                     })
-                    .collect();
+                    .collect::<Result<_, String>>()?;
                 self.publish(|s| {
                     s.clusters = clusters;
                     s.versions.insert(t.to_string(), version.to_string());
@@ -195,6 +230,14 @@ impl Handler for XdsHandler {
             type_url::LISTENER => {
                 let configs =
                     model::convert_all::<Listener, _>(resources, |l| ListenerConfig::try_from(l))?;
+                // A chain that terminates mTLS needs a certificate to present.
+                for l in &configs {
+                    for c in l.chains.iter().filter_map(|c| c.tls.as_ref()) {
+                        self.tls
+                            .server(c)
+                            .map_err(|e| format!("listener {}: transport_socket: {e}", l.name))?;
+                    }
+                }
                 let listeners: Map<ListenerConfig> =
                     configs.into_iter().map(|l| (l.name.clone(), l)).collect();
                 let addresses: Vec<(String, SocketAddr)> = listeners
@@ -264,6 +307,6 @@ pub(crate) struct XdsHandlerTestAccess;
 #[cfg(test)]
 impl XdsHandlerTestAccess {
     pub(crate) fn client(config: &ClusterConfig) -> HttpClient {
-        client_for(config)
+        client_for(config, &TlsConfigs::new(None)).expect("a plaintext cluster")
     }
 }

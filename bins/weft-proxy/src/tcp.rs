@@ -2,28 +2,49 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tracing::debug;
+use weft_certs::SpiffeId;
 use weft_telemetry::TcpLabels;
 
-use crate::{Ctx, lb, model::TcpConfig};
+use crate::{Ctx, lb, model::TcpConfig, mtls::Upstream};
 
-/// `target` is where the connection was headed: the listener's own address, or for a captured
-/// connection its original destination, which ORIGINAL_DST clusters connect to.
-pub async fn proxy(
-    mut downstream: TcpStream,
-    peer: SocketAddr,
-    target: SocketAddr,
-    listener: &str,
-    inbound: bool,
-    config: &TcpConfig,
-    ctx: &Ctx,
-) {
+/// The downstream side of a proxied connection.
+pub struct Downstream<'a> {
+    pub peer: SocketAddr,
+    /// Where the connection was headed: the listener's own address, or for a captured connection its
+    /// original destination, which ORIGINAL_DST clusters connect to.
+    pub target: SocketAddr,
+    pub listener: &'a str,
+    pub inbound: bool,
+    /// Who the client proved to be over mTLS.
+    pub source_principal: Option<&'a SpiffeId>,
+}
+
+pub async fn proxy<IO>(mut downstream: IO, conn: Downstream<'_>, config: &TcpConfig, ctx: &Ctx)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let Downstream {
+        peer,
+        target,
+        listener,
+        inbound,
+        source_principal,
+    } = conn;
     let state = ctx.state.borrow().clone();
     let cluster =
         lb::pick_cluster(&config.clusters).and_then(|c| state.clusters.get(&c.name).cloned());
     let endpoint = cluster.as_ref().and_then(|c| lb::pick_endpoint(c, None));
     let mut labels = ctx.tcp_labels(inbound, cluster.as_deref(), endpoint.as_deref());
+    if let Some(id) = source_principal {
+        labels.source_principal = id.to_string();
+        labels.source_workload_namespace = id.namespace.clone();
+        labels.connection_security_policy = "mutual_tls".into();
+    }
     ctx.metrics
         .tcp_connections_opened
         .get_or_create(&labels)
@@ -34,21 +55,39 @@ pub async fn proxy(
         (Some(_), None) => Err("UH"),
         (None, _) => Err("NC"),
     };
+    // mTLS when the endpoint's transport socket says so (auto mTLS: the endpoint runs a sidecar).
+    let tls = match (&cluster, &endpoint) {
+        (Some(c), Some(e)) => c.config.tls_for(&e.config).cloned(),
+        _ => None,
+    };
     let result = match (destination, &cluster) {
-        (Ok(dst), Some(c)) => match tokio::time::timeout(
-            c.config.connect_timeout,
-            connect(dst, c.config.source_address),
-        )
-        .await
-        {
-            Ok(Ok(mut upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
-                    .await
-                    .map_err(|_| "-")
+        (Ok(dst), Some(c)) => {
+            let connecting = async {
+                let tcp = connect(dst, c.config.source_address).await?;
+                let _ = tcp.set_nodelay(true);
+                let client = match &tls {
+                    Some(t) => Some((ctx.tls.client(t, None)?, t.sni.as_str())),
+                    None => None,
+                };
+                Upstream::over(tcp, client.as_ref().map(|(c, sni)| (c, *sni))).await
+            };
+            match tokio::time::timeout(c.config.connect_timeout, connecting).await {
+                Ok(Ok((mut upstream, server))) => {
+                    if let Some(id) = server {
+                        labels.destination_principal = id.to_string();
+                        labels.connection_security_policy = "mutual_tls".into();
+                    }
+                    tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
+                        .await
+                        .map_err(|_| "-")
+                }
+                Ok(Err(e)) => {
+                    debug!(%peer, listener, error = %e, "upstream connection failed");
+                    Err("UF")
+                }
+                Err(_) => Err("UF"),
             }
-            _ => Err("UF"),
-        },
+        }
         (Err(flag), _) => Err(flag),
         (Ok(_), None) => Err("NC"),
     };

@@ -288,11 +288,16 @@ async fn start_weftd(
     let weftd = weftd::app::build(weftd::app::Config {
         config_dir: dir.to_path_buf(),
         xds_address: SocketAddr::new(ip, 0),
+        secure_address: SocketAddr::new(ip, 0),
         monitoring_address: SocketAddr::new(ip, 0),
         mesh: weftd::translate::MeshOptions {
             access_log_file: dir.join("access.log").display().to_string(),
+            ..Default::default()
         },
         poll_interval: Duration::from_millis(500),
+        ca_dir: None,
+        identity_dir: Some(dir.join("identity")),
+        lifetimes: Default::default(),
     })
     .await?;
     let xds = XdsView {

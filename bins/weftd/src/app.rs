@@ -1,7 +1,13 @@
 //! Wiring: `build()` binds every port and loads config, so a port conflict or an unreadable directory
 //! fails at start; `run()` serves until drained.
 
-use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, service::service_fn};
@@ -10,13 +16,16 @@ use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, info_span, warn};
+use weft_certs::{BootstrapTokens, Ca, ClientAuth, IdentityCell, PeerPolicy, SpiffeId};
 use weft_drain::DrainWatcher;
 use weft_xds::{
     XdsMetrics,
+    istio_ca::istio_certificate_service_server::IstioCertificateServiceServer,
     server::{AdsServer, SnapshotGenerator},
 };
 
 use crate::{
+    ca::{CaService, IdentityFiles, Lifetimes},
     source,
     translate::{Generator, MeshOptions},
 };
@@ -25,10 +34,29 @@ use crate::{
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub config_dir: PathBuf,
+    /// Plaintext xDS (Istio's 15010).
     pub xds_address: SocketAddr,
+    /// The CA service and xDS over mTLS (Istio's 15012).
+    pub secure_address: SocketAddr,
     pub monitoring_address: SocketAddr,
     pub mesh: MeshOptions,
     pub poll_interval: Duration,
+    /// The CA's `cacerts` directory: a user's CA, or where a self-signed one is created and kept.
+    /// `None` keeps a self-signed CA in memory for this process only.
+    pub ca_dir: Option<PathBuf>,
+    /// Where the trust bundle and per-service-account bootstrap tokens are written for proxies.
+    pub identity_dir: Option<PathBuf>,
+    pub lifetimes: Lifetimes,
+}
+
+/// weftd's own identity on 15012, as istiod's.
+const CONTROL_PLANE_NAMESPACE: &str = "istio-system";
+const CONTROL_PLANE_ACCOUNT: &str = "istiod";
+const CONTROL_PLANE_CERT_TTL: Duration = weft_certs::DEFAULT_WORKLOAD_TTL;
+
+/// The identity proxies expect weftd's 15012 to present.
+pub fn control_plane_identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_ACCOUNT)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +71,21 @@ pub enum Error {
     NoConfigDir(PathBuf),
     #[error("the xDS server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("the CA: {0}")]
+    Ca(#[from] weft_certs::CaError),
+    #[error("cannot set up TLS on the secure port: {0}")]
+    Tls(String),
 }
 
 /// weftd with its ports bound and its config loaded, ready to run.
 pub struct App {
     config: Config,
     xds: TcpListener,
+    secure: TcpListener,
     monitoring: TcpListener,
+    ca: Arc<Ca>,
+    tokens: Arc<BootstrapTokens>,
+    identity_files: Option<IdentityFiles>,
     generator: watch::Sender<Arc<dyn SnapshotGenerator>>,
     registry: Arc<Registry>,
     metrics: XdsMetrics,
@@ -79,9 +115,29 @@ pub async fn build(config: Config) -> Result<App, Error> {
         return Err(Error::NoConfigDir(config.config_dir.clone()));
     }
     let xds = bind("xDS", config.xds_address).await?;
+    let secure = bind("secure xDS and CA", config.secure_address).await?;
     let monitoring = bind("monitoring", config.monitoring_address).await?;
+    let trust_domain = &config.mesh.trust_domain;
+    let ca = Arc::new(match &config.ca_dir {
+        Some(dir) => Ca::load_or_create(dir, trust_domain, SystemTime::now())?,
+        None => Ca::self_signed(
+            trust_domain,
+            SystemTime::now(),
+            weft_certs::DEFAULT_ROOT_TTL,
+        )?,
+    });
+    let tokens = Arc::new(BootstrapTokens::generate().map_err(|e| Error::Tls(e.to_string()))?);
+    let identity_files = config.identity_dir.as_ref().map(|dir| IdentityFiles {
+        dir: dir.clone(),
+        tokens: tokens.clone(),
+        trust_domain: trust_domain.clone(),
+        root_pem: ca.root_pem().to_string(),
+    });
     let loaded = source::fingerprint(&config.config_dir);
     let model = Arc::new(source::load(&config.config_dir, &config.mesh));
+    if let Some(files) = &identity_files {
+        files.write(&model);
+    }
     let (generator, _) =
         watch::channel(Arc::new(Generator { model }) as Arc<dyn SnapshotGenerator>);
     let mut registry = Registry::default();
@@ -89,7 +145,11 @@ pub async fn build(config: Config) -> Result<App, Error> {
     Ok(App {
         config,
         xds,
+        secure,
         monitoring,
+        ca,
+        tokens,
+        identity_files,
         generator,
         registry: Arc::new(registry),
         metrics,
@@ -100,6 +160,26 @@ pub async fn build(config: Config) -> Result<App, Error> {
 impl App {
     pub fn xds_address(&self) -> SocketAddr {
         self.xds.local_addr().unwrap_or(self.config.xds_address)
+    }
+
+    pub fn secure_address(&self) -> SocketAddr {
+        self.secure
+            .local_addr()
+            .unwrap_or(self.config.secure_address)
+    }
+
+    /// The trust bundle proxies verify weftd and each other against.
+    pub fn root_pem(&self) -> &str {
+        self.ca.root_pem()
+    }
+
+    /// The bootstrap token for a service account, as written to the identity directory.
+    pub fn bootstrap_token(&self, namespace: &str, service_account: &str) -> String {
+        self.tokens.issue(&SpiffeId::new(
+            &self.config.mesh.trust_domain,
+            namespace,
+            service_account,
+        ))
     }
 
     pub fn monitoring_address(&self) -> SocketAddr {
@@ -118,7 +198,11 @@ impl App {
         let App {
             config,
             xds,
+            secure,
             monitoring,
+            ca,
+            tokens,
+            identity_files,
             generator,
             registry,
             metrics,
@@ -132,6 +216,7 @@ impl App {
             config.mesh.clone(),
             config.poll_interval,
             generator.clone(),
+            identity_files,
             drain.clone(),
         );
         tasks.spawn(watcher.instrument(info_span!("config_source")));
@@ -139,19 +224,64 @@ impl App {
             serve_metrics(monitoring, registry, metrics.clone(), drain.clone())
                 .instrument(info_span!("monitoring")),
         );
+        let trust_domain = config.mesh.trust_domain.clone();
+        let me = control_plane_identity(&trust_domain);
+        let cell = IdentityCell::new(ca.issue(&me, SystemTime::now(), CONTROL_PLANE_CERT_TTL)?);
+        // Proxies with no certificate yet must reach the CA, so a client certificate is optional at
+        // the handshake; the ADS service refuses a stream without one on this port.
+        let server_tls = weft_certs::server_config(
+            &cell,
+            PeerPolicy::TrustDomain(trust_domain.clone()),
+            ClientAuth::Optional,
+            &["h2"],
+        )
+        .map_err(|e| Error::Tls(e.to_string()))?;
+        tasks.spawn(
+            renew_own_certificate(ca.clone(), me, cell, drain.clone()).instrument(info_span!("ca")),
+        );
+        let ca_service = IstioCertificateServiceServer::new(CaService {
+            ca,
+            tokens,
+            trust_domain,
+            lifetimes: config.lifetimes,
+        });
         let ads = AdsServer::new(generator.subscribe(), metrics, drain.clone()).into_service();
-        let shutdown = {
-            let d = drain.clone();
-            async move { d.signaled().await }
-        };
-        let result = tonic::transport::Server::builder()
+        let shutdown = |d: DrainWatcher| async move { d.signaled().await };
+        let plaintext = tonic::transport::Server::builder()
+            .add_service(ads.clone())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(xds), shutdown(drain.clone()))
+            .instrument(info_span!("xds"));
+        let mtls = tonic::transport::Server::builder()
             .add_service(ads)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(xds), shutdown)
-            .instrument(info_span!("xds"))
-            .await;
+            .add_service(ca_service)
+            .serve_with_incoming_shutdown(
+                weft_xds::tls::incoming(secure, server_tls),
+                shutdown(drain.clone()),
+            )
+            .instrument(info_span!("secure"));
+        let (plaintext, mtls) = tokio::join!(plaintext, mtls);
         while tasks.join_next().await.is_some() {}
         drop(drain);
-        result.map_err(Error::from)
+        plaintext.and(mtls).map_err(Error::from)
+    }
+}
+
+/// Reissues weftd's serving certificate at half its lifetime, like any workload's.
+async fn renew_own_certificate(ca: Arc<Ca>, me: SpiffeId, cell: IdentityCell, drain: DrainWatcher) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CONTROL_PLANE_CERT_TTL / 2) => {}
+            () = drain.signaled() => return,
+        }
+        match ca.issue(&me, SystemTime::now(), CONTROL_PLANE_CERT_TTL) {
+            Ok(identity) => {
+                info!(serial = %identity.serial, "renewed weftd's serving certificate");
+                cell.replace(identity);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot renew weftd's serving certificate; keeping the current one")
+            }
+        }
     }
 }
 

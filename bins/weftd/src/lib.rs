@@ -6,6 +6,8 @@
 
 pub mod app;
 pub mod authz;
+pub mod ca;
+pub mod peer_auth;
 pub mod registry;
 pub mod source;
 pub mod translate;
@@ -32,6 +34,9 @@ pub struct Model {
     pub sidecars: Vec<Object<SidecarSpec>>,
     pub peer_authentications: Vec<Object<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Object<AuthorizationPolicySpec>>,
+    /// `(namespace, service account)` of every Pod and WorkloadEntry: who may ask the CA for a
+    /// certificate with a bootstrap token.
+    pub service_accounts: std::collections::BTreeSet<(String, String)>,
     pub mesh: MeshOptions,
 }
 
@@ -44,6 +49,18 @@ impl Model {
             sidecars: resources.sidecars.clone(),
             peer_authentications: resources.peer_authentications.clone(),
             authorization_policies: resources.authorization_policies.clone(),
+            service_accounts: resources
+                .pods
+                .iter()
+                .map(|p| {
+                    let sa = p.spec.service_account_name.as_deref().unwrap_or("default");
+                    (p.metadata.namespace().to_string(), sa.to_string())
+                })
+                .chain(resources.workload_entries.iter().map(|w| {
+                    let sa = w.spec.service_account.as_deref().unwrap_or("default");
+                    (w.metadata.namespace().to_string(), sa.to_string())
+                }))
+                .collect(),
             mesh,
         }
     }

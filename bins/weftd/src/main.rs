@@ -14,6 +14,21 @@ struct Args {
     /// Address for plaintext xDS (Istio's 15010).
     #[arg(long, env = "WEFTD_XDS_ADDRESS", default_value = "0.0.0.0:15010")]
     xds_address: SocketAddr,
+    /// Address for the CA service and xDS over mTLS (Istio's 15012).
+    #[arg(long, env = "WEFTD_SECURE_ADDRESS", default_value = "0.0.0.0:15012")]
+    secure_address: SocketAddr,
+    /// The CA in Istio's `cacerts` layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem). If
+    /// the directory holds none, a self-signed root is created there and kept. Without it, the
+    /// self-signed root lives only as long as this process.
+    #[arg(long, env = "WEFTD_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Where to write `root-cert.pem` and `<namespace>/<service-account>/istio-token` (bootstrap tokens
+    /// for proxies to prove their service account to the CA).
+    #[arg(long, env = "WEFTD_IDENTITY_DIR")]
+    identity_dir: Option<PathBuf>,
+    /// The mesh's trust domain (`meshConfig.trustDomain`).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
     /// Address for /metrics (Istio's control-plane monitoring port 15014).
     #[arg(
         long,
@@ -30,6 +45,10 @@ fn main() -> ExitCode {
     let Args {
         config_dir,
         xds_address,
+        secure_address,
+        ca_dir,
+        identity_dir,
+        trust_domain,
         monitoring_address,
         access_log_file,
     } = Args::parse();
@@ -37,9 +56,16 @@ fn main() -> ExitCode {
     let config = app::Config {
         config_dir,
         xds_address,
+        secure_address,
         monitoring_address,
-        mesh: MeshOptions { access_log_file },
+        mesh: MeshOptions {
+            access_log_file,
+            trust_domain,
+        },
         poll_interval: Duration::from_millis(500),
+        ca_dir,
+        identity_dir,
+        lifetimes: Default::default(),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -66,6 +66,7 @@ pub async fn watch_dir(
     mesh: MeshOptions,
     interval: Duration,
     publish: watch::Sender<Arc<dyn SnapshotGenerator>>,
+    identity_files: Option<crate::ca::IdentityFiles>,
     drain: DrainWatcher,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -82,6 +83,10 @@ pub async fn watch_dir(
         info!(dir = %dir.display(), "config directory changed; reloading");
         last = now;
         let model = Arc::new(load(&dir, &mesh));
+        // New service accounts get their tokens before their proxies could be told to ask.
+        if let Some(files) = &identity_files {
+            files.write(&model);
+        }
         publish.send_replace(Arc::new(Generator { model }));
     }
 }

@@ -79,10 +79,21 @@ pub mod names {
 }
 
 /// Mesh-wide settings, as Istio's MeshConfig holds them.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MeshOptions {
     /// `accessLogFile`: empty turns access logs off, as in Istio's default profile.
     pub access_log_file: String,
+    /// `trustDomain`: the first part of every SPIFFE id the mesh issues and checks.
+    pub trust_domain: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self {
+            access_log_file: String::new(),
+            trust_domain: "cluster.local".into(),
+        }
+    }
 }
 
 /// Istio's default retry policy for routes that set none (`meshConfig.defaultHttpRetryPolicy`).
@@ -166,13 +177,25 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         let dr = model.destination_rule_for(svc);
         for port in &svc.ports {
             let base_policy = dr.and_then(|d| d.traffic_policy.as_ref());
+            let td = &model.mesh.trust_domain;
             let name = outbound_cluster_name(port.number, "", &svc.hostname);
-            snap.insert(&name, &outbound_cluster(&name, port.protocol, base_policy));
+            let mut cluster = outbound_cluster(&name, port.protocol, base_policy);
+            mtls::auto_mtls(&mut cluster, svc, port.number, "", &BTreeMap::new(), td);
+            snap.insert(&name, &cluster);
             snap.insert(&name, &load_assignment(&name, svc, port, &BTreeMap::new()));
             for subset in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
                 let name = outbound_cluster_name(port.number, &subset.name, &svc.hostname);
                 let policy = subset.traffic_policy.as_ref().or(base_policy);
-                snap.insert(&name, &outbound_cluster(&name, port.protocol, policy));
+                let mut cluster = outbound_cluster(&name, port.protocol, policy);
+                mtls::auto_mtls(
+                    &mut cluster,
+                    svc,
+                    port.number,
+                    &subset.name,
+                    &subset.labels,
+                    td,
+                );
+                snap.insert(&name, &cluster);
                 snap.insert(&name, &load_assignment(&name, svc, port, &subset.labels));
             }
         }
@@ -224,17 +247,19 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         cluster.metadata = Some(services_metadata(model, proxy, port));
         snap.insert(&cluster_name, &cluster);
         let listener_name = format!("{bind}_{port}");
-        let chain = inbound_filter(&listener_name, port, &cluster_name, protocol, &model.mesh);
-        snap.insert(
+        let filter = inbound_filter(&listener_name, port, &cluster_name, protocol, &model.mesh);
+        let mode = mtls::inbound_mode(model, proxy, port);
+        let mut l = listener(
             &listener_name,
-            &listener(
-                &listener_name,
-                &bind,
-                port,
-                TrafficDirection::Inbound,
-                chain,
-            ),
+            &bind,
+            port,
+            TrafficDirection::Inbound,
+            filter,
         );
+        l.filter_chains =
+            mtls::inbound_chains(port, l.filter_chains.remove(0).filters, protocol, mode);
+        mtls::inspect_tls(&mut l);
+        snap.insert(&listener_name, &l);
     }
     for egress in &sidecar.spec.egress {
         let Some(port) = &egress.port else {
@@ -516,13 +541,9 @@ fn load_assignment(
             );
             let meta =
                 serde_json::Map::from_iter([("workload".to_string(), Value::String(workload))]);
-            lb_endpoint(
-                &e.address,
-                target,
-                e.weight,
-                e.healthy,
-                Some(istio_metadata(meta)),
-            )
+            let mut metadata = istio_metadata(meta);
+            mtls::endpoint_metadata(e, &mut metadata);
+            lb_endpoint(&e.address, target, e.weight, e.healthy, Some(metadata))
         })
         .collect();
     ClusterLoadAssignment {
@@ -1130,5 +1151,6 @@ pub(crate) fn sidecar_selects(sc: &Object<SidecarSpec>, proxy: &Proxy) -> Option
 }
 
 mod capture;
+mod mtls;
 #[cfg(test)]
 mod tests;

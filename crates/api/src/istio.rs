@@ -62,7 +62,8 @@ pub struct WorkloadEntrySpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
-    #[serde(default)]
+    /// `labels` in a Sidecar's `workloadSelector`, `matchLabels` in security policies' `selector`.
+    #[serde(default, alias = "matchLabels")]
     pub labels: BTreeMap<String, String>,
 }
 

@@ -475,9 +475,18 @@ spec:
         let mut resources = Resources::default();
         let mut rejected = Vec::new();
         parse_manifests("security.yaml", text, &mut resources, &mut rejected);
-        assert_eq!(resources.peer_authentications.len(), 2);
+        assert_eq!(resources.peer_authentications.len(), 3);
         assert_eq!(
-            resources.peer_authentications[1].spec.port_level_mtls["8080"]
+            resources.peer_authentications[1]
+                .spec
+                .selector
+                .as_ref()
+                .map(|s| s.labels["app"].as_str()),
+            Some("db"),
+            "security policies select with matchLabels"
+        );
+        assert_eq!(
+            resources.peer_authentications[2].spec.port_level_mtls["8080"]
                 .mode
                 .as_deref(),
             Some("DISABLE")
@@ -490,17 +499,17 @@ spec:
             ["/api/*"]
         );
         let names: Vec<&str> = rejected.iter().map(|r| r.name.as_str()).collect();
-        // `matchLabels` is the Kubernetes spelling, not Istio's `labels`; requestPrincipals needs JWT support.
-        assert_eq!(names, ["db", "odd", "ext", "jwt"], "{rejected:#?}");
+        // requestPrincipals needs JWT support.
+        assert_eq!(names, ["odd", "ext", "jwt"], "{rejected:#?}");
         assert!(
-            rejected[2].reason.contains("CUSTOM"),
+            rejected[1].reason.contains("CUSTOM"),
             "{}",
-            rejected[2].reason
+            rejected[1].reason
         );
         assert!(
-            rejected[3].reason.contains("requestPrincipals"),
+            rejected[2].reason.contains("requestPrincipals"),
             "{}",
-            rejected[3].reason
+            rejected[2].reason
         );
     }
 }

@@ -140,6 +140,45 @@ impl Ca {
         })
     }
 
+    /// The CA kept in `dir` in Istio's `cacerts` layout: loaded when the files are there (a user's CA, or
+    /// one made by an earlier run), else a new self-signed root written there, key readable only by its
+    /// owner, so a restart keeps the mesh's trust (as istiod keeps `istio-ca-secret`).
+    pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &str,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        if dir.join("ca-key.pem").exists() {
+            return Self::from_cacerts(dir);
+        }
+        let ca = Self::self_signed(trust_domain, now, crate::DEFAULT_ROOT_TTL)?;
+        let write = |name: &str, text: &str, mode: u32| {
+            use std::{io::Write, os::unix::fs::OpenOptionsExt};
+            let path = dir.join(name);
+            std::fs::create_dir_all(dir)
+                .and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(mode)
+                        .open(&path)
+                })
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(|source| CaError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })
+        };
+        // Root and issuer are one certificate here; the key goes last, so a crash midway leaves a
+        // directory that is regenerated rather than one that loads without its key.
+        write("ca-cert.pem", &ca.root_pem, 0o644)?;
+        write("root-cert.pem", &ca.root_pem, 0o644)?;
+        write("cert-chain.pem", &ca.root_pem, 0o644)?;
+        write("ca-key.pem", &ca.issuer.key().serialize_pem(), 0o600)?;
+        Ok(ca)
+    }
+
     /// A certificate for the CA's own process (weftd serving 15012), through the same path as a
     /// workload's: a fresh key, a CSR, a signature.
     pub fn issue(
@@ -197,7 +236,9 @@ impl Ca {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = offset(now - Duration::from_secs(60).min(ttl))?;
+        // Backdated a little for clock skew between workloads, but never by a large part of a short
+        // lifetime, which would pull the renewal time (half the lifetime) towards the issue time.
+        params.not_before = offset(now - Duration::from_secs(60).min(ttl / 10))?;
         params.not_after = offset(now + ttl)?;
         params.use_authority_key_identifier_extension = true;
         let leaf = csr

@@ -248,9 +248,13 @@ pub(super) fn generate(
         let mut cluster = static_cluster(&cluster_name, "127.0.0.1", port, protocol);
         cluster.metadata = Some(services_metadata(model, proxy, port));
         snap.insert(&cluster_name, &cluster);
-        chains.push(chain(
-            Some(port),
-            inbound_filter(&cluster_name, port, &cluster_name, protocol, &model.mesh),
+        let filter = inbound_filter(&cluster_name, port, &cluster_name, protocol, &model.mesh);
+        let mode = super::mtls::inbound_mode(model, proxy, port);
+        chains.extend(super::mtls::inbound_chains(
+            port,
+            vec![filter],
+            protocol,
+            mode,
         ));
     }
     chains.push(chain(
@@ -260,13 +264,12 @@ pub(super) fn generate(
             tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH.into()),
         ),
     ));
-    snap.insert(
+    let mut inbound = capture_listener(
         VIRTUAL_INBOUND,
-        &capture_listener(
-            VIRTUAL_INBOUND,
-            INBOUND_CAPTURE_PORT,
-            TrafficDirection::Inbound,
-            chains,
-        ),
+        INBOUND_CAPTURE_PORT,
+        TrafficDirection::Inbound,
+        chains,
     );
+    super::mtls::inspect_tls(&mut inbound);
+    snap.insert(VIRTUAL_INBOUND, &inbound);
 }

@@ -172,6 +172,17 @@ fn proxy_identity_comes_from_the_istio_node() {
 fn captured_proxies_get_virtual_listeners_as_istiod_generates_them() {
     let mut p = proxy("backend", "127.0.0.21");
     p.captured = true;
+    let plain = generate(&model(), &p);
+    let inbound: Listener = plain.get("virtualInbound").expect("virtualInbound");
+    assert!(
+        inbound
+            .filter_chains
+            .iter()
+            .all(|c| c.transport_socket.is_none()),
+        "a workload not labelled as having a sidecar identity takes plaintext only"
+    );
+    p.labels
+        .insert("security.istio.io/tlsMode".into(), "istio".into());
     let snap = generate(&model(), &p);
     let listeners: Vec<&str> = snap
         .names(weft_xds::type_url::LISTENER)
@@ -198,7 +209,8 @@ fn captured_proxies_get_virtual_listeners_as_istiod_generates_them() {
     );
     let http: Listener = snap.get("0.0.0.0_9080").expect("http listener");
     assert_eq!(http.bind_to_port, Some(wkt::BoolValue { value: false }));
-    // Inbound: the served port gets its own chain, then passthrough for the rest.
+    // Inbound: the served port gets its chains (mTLS and, PERMISSIVE by default, plaintext), then
+    // passthrough for the rest.
     let inbound: Listener = snap.get("virtualInbound").expect("virtualInbound");
     let ports: Vec<Option<u32>> = inbound
         .filter_chains
@@ -210,7 +222,18 @@ fn captured_proxies_get_virtual_listeners_as_istiod_generates_them() {
                 .map(|p| p.value)
         })
         .collect();
-    assert_eq!(ports, [Some(9080), None]);
+    assert_eq!(ports, [Some(9080), Some(9080), None]);
+    let transports: Vec<&str> = inbound
+        .filter_chains
+        .iter()
+        .map(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .map_or("", |m| m.transport_protocol.as_str())
+        })
+        .collect();
+    assert_eq!(transports, ["tls", "", ""]);
+    assert!(inbound.filter_chains[0].transport_socket.is_some());
     for cluster in [
         "PassthroughCluster",
         "BlackHoleCluster",

@@ -335,3 +335,26 @@ async fn optional_client_auth_admits_a_client_without_a_certificate() {
         "wrong server identity"
     );
 }
+
+#[test]
+fn a_created_ca_is_loaded_again_from_its_directory() {
+    let dir = std::env::temp_dir().join(format!("weft-ca-persist-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = Ca::load_or_create(&dir, TD, SystemTime::now()).expect("created");
+    let again = Ca::load_or_create(&dir, TD, SystemTime::now()).expect("loaded");
+    assert_eq!(first.root_pem(), again.root_pem());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("ca-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the key is private to its owner");
+    let leaf = issue(
+        &again,
+        &id("frontend"),
+        SystemTime::now(),
+        crate::DEFAULT_WORKLOAD_TTL,
+    );
+    assert_eq!(leaf.roots_pem, first.root_pem());
+    let _ = std::fs::remove_dir_all(&dir);
+}

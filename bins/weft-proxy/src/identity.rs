@@ -1,0 +1,211 @@
+//! The proxy's identity manager: a key made in memory, a CSR to weftd's CA (Istio's
+//! `CreateCertificate`), and renewal at half the certificate's lifetime with jitter. The new
+//! certificate replaces the old one in an [`IdentityCell`] only once it is in hand, so handshakes
+//! never go without one. Listeners and clusters refer to it by Istio's SDS names: `default` for the
+//! certificate and `ROOTCA` for the trust bundle.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use rand::Rng;
+use tonic::metadata::MetadataValue;
+use tracing::{info, warn};
+use weft_certs::{Identity, IdentityCell, PeerPolicy, SpiffeId, WorkloadKey};
+use weft_drain::DrainWatcher;
+use weft_xds::istio_ca::{
+    IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+};
+
+/// SDS secret names, as Istio's agent serves them to Envoy.
+pub const SDS_CERTIFICATE: &str = "default";
+pub const SDS_ROOT: &str = "ROOTCA";
+
+/// Where and how to get certificates, as plain data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdentityConfig {
+    /// `https://host:15012` (Istio's `CA_ADDR`).
+    pub ca_address: String,
+    /// The trust bundle that verifies weftd (Istio's `istio-ca-root-cert`).
+    pub root_cert: PathBuf,
+    /// A bootstrap token proving this workload's service account; read at every request, so a
+    /// refreshed file is picked up.
+    pub token_file: Option<PathBuf>,
+    /// The identity weftd's 15012 must present.
+    pub control_plane: SpiffeId,
+    /// The lifetime asked for (Istio's `SECRET_TTL`).
+    pub ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityFetchError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Certs(String),
+    #[error("cannot reach the CA at {address}: {source}")]
+    Connect {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the CA refused: {}", .0.message())]
+    Refused(tonic::Status),
+}
+
+fn read(path: &std::path::Path) -> Result<String, IdentityFetchError> {
+    std::fs::read_to_string(path).map_err(|source| IdentityFetchError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// One round trip to the CA: a new key, its CSR, the signed chain. With `current`, the call is made
+/// with the current certificate, so renewal works even after the bootstrap token is gone.
+pub async fn fetch(
+    config: &IdentityConfig,
+    id: &SpiffeId,
+    current: Option<&IdentityCell>,
+) -> Result<Identity, IdentityFetchError> {
+    let certs = |e: String| IdentityFetchError::Certs(e);
+    let roots = read(&config.root_cert)?;
+    let expected = PeerPolicy::Only(vec![config.control_plane.clone()]);
+    let tls = match current {
+        Some(cell) => {
+            weft_certs::client_config(cell, expected, &["h2"]).map_err(|e| certs(e.to_string()))?
+        }
+        None => weft_certs::anonymous_client_config(&roots, expected, &["h2"])
+            .map_err(|e| certs(e.to_string()))?,
+    };
+    let channel = weft_xds::tls::channel(&config.ca_address, Some(tls))
+        .await
+        .map_err(|source| IdentityFetchError::Connect {
+            address: config.ca_address.clone(),
+            source,
+        })?;
+    let key = WorkloadKey::generate().map_err(|e| certs(e.to_string()))?;
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr: key.csr_pem(id).map_err(|e| certs(e.to_string()))?,
+        validity_duration: config.ttl.as_secs() as i64,
+        metadata: None,
+    });
+    if let Some(path) = &config.token_file
+        && path.exists()
+    {
+        let token = read(path)?;
+        let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|e| certs(format!("token in {}: {e}", path.display())))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let chain = IstioCertificateServiceClient::new(channel)
+        .create_certificate(request)
+        .await
+        .map_err(IdentityFetchError::Refused)?
+        .into_inner()
+        .cert_chain;
+    Identity::new(id.clone(), &key, &chain, &roots).map_err(|e| certs(e.to_string()))
+}
+
+/// Gets the first certificate, retrying with backoff until it comes or the proxy drains. Without it
+/// the proxy could serve no mTLS at all, so nothing else starts first.
+pub async fn bootstrap(
+    config: &IdentityConfig,
+    id: &SpiffeId,
+    drain: &DrainWatcher,
+) -> Option<IdentityCell> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match fetch(config, id, None).await {
+            Ok(identity) => {
+                info!(identity = %id, serial = %identity.serial, "workload certificate issued");
+                return Some(IdentityCell::new(identity));
+            }
+            Err(e) => {
+                warn!(identity = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot get a workload certificate yet")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = drain.signaled() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+    }
+}
+
+/// When to renew: half way through the lifetime, moved by up to a tenth of it either way, so a fleet
+/// started together does not renew together.
+pub fn renewal_delay(identity: &Identity, now: SystemTime, jitter: f64) -> Duration {
+    let lifetime = identity
+        .not_after
+        .duration_since(identity.not_before)
+        .unwrap_or_default();
+    let offset = lifetime.mul_f64(0.5 + 0.1 * jitter.clamp(-1.0, 1.0));
+    (identity.not_before + offset)
+        .duration_since(now)
+        .unwrap_or_default()
+}
+
+/// Renews forever: wait for the renewal time, fetch, swap. A failure keeps the current certificate
+/// and retries with backoff (never waiting past a tenth of the remaining lifetime).
+pub async fn rotate(config: IdentityConfig, id: SpiffeId, cell: IdentityCell, drain: DrainWatcher) {
+    let mut delay = renewal_delay(
+        &cell.current(),
+        SystemTime::now(),
+        rand::rng().random_range(-1.0..1.0),
+    );
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = drain.signaled() => return,
+        }
+        match fetch(&config, &id, Some(&cell)).await {
+            Ok(identity) => {
+                info!(identity = %id, serial = %identity.serial, previous = %cell.current().serial, "workload certificate rotated");
+                delay = renewal_delay(
+                    &identity,
+                    SystemTime::now(),
+                    rand::rng().random_range(-1.0..1.0),
+                );
+                cell.replace(identity);
+                backoff = Duration::from_millis(200);
+            }
+            Err(e) => {
+                let remaining = cell
+                    .current()
+                    .not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                delay = backoff.min(remaining / 10).max(Duration::from_millis(50));
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                warn!(identity = %id, error = %e, "cannot renew the workload certificate; serving on the current one");
+            }
+        }
+    }
+}
+
+/// `/certs`: identity, serial, validity and trust bundle; never a key.
+pub fn certs_json(cell: Option<&IdentityCell>) -> serde_json::Value {
+    let Some(cell) = cell else {
+        return serde_json::json!({"certificates": [], "note": "no identity: CA_ADDR is not set"});
+    };
+    let id = cell.current();
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    serde_json::json!({
+        "certificates": [{
+            "name": SDS_CERTIFICATE,
+            "identity": id.id.to_string(),
+            "serial_number": id.serial,
+            "valid_from_unix": secs(id.not_before),
+            "expiration_unix": secs(id.not_after),
+            "seconds_until_expiration": id.not_after.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs()),
+        }],
+        "trust_bundle": {"name": SDS_ROOT, "pem": id.roots_pem},
+    })
+}

@@ -1,0 +1,218 @@
+//! The CA service on 15012: Istio's `CreateCertificate`, signing a workload's CSR for the identity the
+//! caller proved, either with a bootstrap token (`authorization: Bearer <token>`) or with the
+//! certificate it already holds (renewal). Also writes what a workload needs to start: the trust bundle
+//! and one bootstrap token per service account.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use weft_certs::{BootstrapTokens, Ca, CaError, SpiffeId};
+use weft_xds::istio_ca::{
+    IstioCertificateRequest, IstioCertificateResponse,
+    istio_certificate_service_server::IstioCertificateService,
+};
+
+use crate::Model;
+
+/// Istio's bounds on a requested lifetime: the default when none is asked for, and the most granted
+/// (`DEFAULT_WORKLOAD_CERT_TTL`, `MAX_WORKLOAD_CERT_TTL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub default: Duration,
+    pub max: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            default: weft_certs::DEFAULT_WORKLOAD_TTL,
+            max: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+impl Lifetimes {
+    fn grant(&self, requested_secs: i64) -> Duration {
+        if requested_secs <= 0 {
+            return self.default;
+        }
+        Duration::from_secs(requested_secs as u64).min(self.max)
+    }
+}
+
+pub struct CaService {
+    pub ca: Arc<Ca>,
+    pub tokens: Arc<BootstrapTokens>,
+    pub trust_domain: String,
+    pub lifetimes: Lifetimes,
+}
+
+/// Who the caller is: a valid bootstrap token wins (it is how a workload gets its first certificate),
+/// else the SPIFFE id of its client certificate.
+fn authenticate(
+    tokens: &BootstrapTokens,
+    trust_domain: &str,
+    bearer: Option<&str>,
+    certificate: Option<SpiffeId>,
+) -> Result<SpiffeId, Status> {
+    if let Some(token) = bearer {
+        return match tokens.verify(token) {
+            Some(id) if id.trust_domain == trust_domain => Ok(id),
+            Some(id) => Err(Status::permission_denied(format!(
+                "the token is for {id}, outside trust domain {trust_domain}"
+            ))),
+            None => Err(Status::unauthenticated(
+                "the bootstrap token is not one this weftd issued (tokens change when weftd restarts; read the file again)",
+            )),
+        };
+    }
+    certificate.ok_or_else(|| {
+        Status::unauthenticated(
+            "no bootstrap token (authorization: Bearer) and no client certificate: the CA cannot tell who is asking",
+        )
+    })
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let certificate = weft_xds::tls::caller_identity(&request).ok().flatten();
+        let bearer = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let caller = authenticate(
+            &self.tokens,
+            &self.trust_domain,
+            bearer.as_deref(),
+            certificate,
+        )?;
+        let req = request.into_inner();
+        let ttl = self.lifetimes.grant(req.validity_duration);
+        match self.ca.sign_csr(&req.csr, &caller, SystemTime::now(), ttl) {
+            Ok(cert_chain) => {
+                info!(identity = %caller, ttl_secs = ttl.as_secs(), "certificate issued");
+                Ok(Response::new(IstioCertificateResponse { cert_chain }))
+            }
+            Err(e @ CaError::WrongIdentity { .. }) => {
+                warn!(caller = %caller, error = %e, "CSR refused");
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(e @ CaError::Csr(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+/// Where weftd writes what workloads need to join the mesh without a Kubernetes API:
+/// `root-cert.pem` (the trust bundle, Istio's `istio-ca-root-cert`) and
+/// `<namespace>/<service-account>/istio-token` (a bootstrap token, readable by its owner only).
+#[derive(Clone, Debug)]
+pub struct IdentityFiles {
+    pub dir: PathBuf,
+    pub tokens: Arc<BootstrapTokens>,
+    pub trust_domain: String,
+    pub root_pem: String,
+}
+
+impl IdentityFiles {
+    pub fn token_path(dir: &Path, namespace: &str, service_account: &str) -> PathBuf {
+        dir.join(namespace)
+            .join(service_account)
+            .join("istio-token")
+    }
+
+    /// Writes the bundle and a token for every service account the model's workloads run as.
+    pub fn write(&self, model: &Model) {
+        if let Err(e) = self.try_write(model) {
+            warn!(dir = %self.dir.display(), error = %e, "cannot write bootstrap tokens");
+        }
+    }
+
+    fn try_write(&self, model: &Model) -> std::io::Result<()> {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(self.dir.join("root-cert.pem"), &self.root_pem)?;
+        for (ns, sa) in &model.service_accounts {
+            let path = Self::token_path(&self.dir, ns, sa);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let token = self
+                .tokens
+                .issue(&SpiffeId::new(&self.trust_domain, ns, sa));
+            // Write then rename, so a proxy never reads half a token.
+            let tmp = path.with_extension("tmp");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?
+                .write_all(token.as_bytes())?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_prove_identity_with_a_token_or_a_certificate() {
+        let tokens = BootstrapTokens::generate().expect("key");
+        let web = SpiffeId::new("cluster.local", "demo", "web");
+        let foreign = SpiffeId::new("other.domain", "demo", "web");
+        type Case<'a> = (
+            &'a str,
+            Option<String>,
+            Option<SpiffeId>,
+            Result<&'a SpiffeId, tonic::Code>,
+        );
+        let cases: [Case<'_>; 5] = [
+            ("token", Some(tokens.issue(&web)), None, Ok(&web)),
+            ("certificate", None, Some(web.clone()), Ok(&web)),
+            ("nothing", None, None, Err(tonic::Code::Unauthenticated)),
+            (
+                "forged token",
+                Some("weft-bootstrap-v1.00.00".into()),
+                Some(web.clone()),
+                Err(tonic::Code::Unauthenticated),
+            ),
+            (
+                "token for another trust domain",
+                Some(tokens.issue(&foreign)),
+                None,
+                Err(tonic::Code::PermissionDenied),
+            ),
+        ];
+        for (name, bearer, cert, want) in cases {
+            let got = authenticate(&tokens, "cluster.local", bearer.as_deref(), cert);
+            match (got, want) {
+                (Ok(id), Ok(w)) => assert_eq!(&id, w, "{name}"),
+                (Err(s), Err(code)) => assert_eq!(s.code(), code, "{name}: {}", s.message()),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lifetimes_default_and_cap_as_istio_does() {
+        let l = Lifetimes::default();
+        assert_eq!(l.grant(0), weft_certs::DEFAULT_WORKLOAD_TTL);
+        assert_eq!(l.grant(3600), Duration::from_secs(3600));
+        assert_eq!(l.grant(i64::MAX), l.max);
+    }
+}

@@ -1,0 +1,335 @@
+//! Identity and mutual TLS through real proxies: certificates from weftd's CA, auto mTLS between a
+//! client and a server sidecar, PeerAuthentication modes, rotation under load, and the CA's refusals.
+
+use std::{net::SocketAddr, time::Duration};
+
+use http::StatusCode;
+use weft_certs::{Ca, IdentityCell, PeerPolicy, SpiffeId, WorkloadKey};
+use weft_integration::{
+    Mesh, Proxy, get_text, http1_client, mtls_service, next_ip, send, sidecar, wait_for,
+};
+use weft_xds::istio_ca::{
+    IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+};
+
+const HOST: &str = "backend.test.svc.cluster.local";
+const TD: &str = "cluster.local";
+
+fn pa(mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: test}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+    )
+}
+
+struct Pair {
+    mesh: Mesh,
+    client: Proxy,
+    server: Proxy,
+    egress: SocketAddr,
+    /// The server sidecar's inbound listener.
+    inbound: SocketAddr,
+}
+
+impl Pair {
+    async fn new(mode: &str, ttl: Duration) -> Self {
+        let (client_ip, server_ip) = (next_ip(), next_ip());
+        let mut mesh = Mesh::start(&[]).await;
+        let (app, _control, task) =
+            weft_integration::http_backend("backend-v1", mesh.watcher()).await;
+        mesh.spawn(task);
+        let mut manifests =
+            mtls_service("backend", "http", 9080, &[(server_ip, "backend-0", "v1")]);
+        manifests.push_str(&sidecar(
+            "backend",
+            &[("app", "backend")],
+            &[(9080, "HTTP", app)],
+            &[],
+        ));
+        manifests.push_str(&sidecar(
+            "client",
+            &[("app", "client")],
+            &[],
+            &[(9080, "HTTP")],
+        ));
+        mesh.write("peer-authentication.yaml", &pa(mode));
+        mesh.write("mesh.yaml", &manifests);
+        let mut server = mesh
+            .proxy_mtls(
+                "backend-0",
+                server_ip,
+                &[("app", "backend"), ("version", "v1")],
+                ttl,
+            )
+            .await;
+        server.ready(1).await;
+        let mut client = mesh
+            .proxy_mtls("client-0", client_ip, &[("app", "client")], ttl)
+            .await;
+        client.ready(1).await;
+        let egress = SocketAddr::new(client_ip, 9080);
+        wait_for(
+            "a request through the pair",
+            Duration::from_secs(10),
+            || async {
+                send(&http1_client(), egress, "GET", HOST, "/", &[])
+                    .await
+                    .ok()
+                    .filter(|r| r.status == StatusCode::OK)
+                    .map(|_| ())
+            },
+        )
+        .await;
+        Self {
+            mesh,
+            client,
+            server,
+            egress,
+            inbound: SocketAddr::new(server_ip, 9080),
+        }
+    }
+
+    /// A workload identity of the mesh's own CA, for a test client of its own.
+    fn identity(&self, sa: &str) -> IdentityCell {
+        let ca = Ca::from_cacerts(&self.mesh.dir.join("ca")).expect("the mesh CA");
+        let id = SpiffeId::new(TD, "test", sa);
+        IdentityCell::new(
+            ca.issue(&id, std::time::SystemTime::now(), Duration::from_secs(3600))
+                .expect("issued"),
+        )
+    }
+}
+
+/// An HTTP/1.1 GET over mTLS straight to `addr`, as a sidecar would send it; returns the status and the
+/// serial of the certificate the server presented.
+async fn mtls_get(addr: SocketAddr, cell: &IdentityCell) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = weft_certs::client_config(
+        cell,
+        PeerPolicy::TrustDomain(TD.into()),
+        &["istio-http/1.1", "istio-peer-exchange", "istio"],
+    )?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut stream, peer) =
+        weft_certs::connect(&tls, &format!("outbound_.9080_._.{HOST}"), tcp).await?;
+    stream
+        .write_all(
+            format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut out)).await??;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP response: {out:?}"))?;
+    Ok((status, peer.serial.unwrap_or_default()))
+}
+
+async fn plaintext_get(addr: SocketAddr) -> anyhow::Result<StatusCode> {
+    Ok(send(&http1_client(), addr, "GET", HOST, "/", &[])
+        .await?
+        .status)
+}
+
+async fn serial(proxy: &Proxy) -> String {
+    let (_, body) = get_text(proxy.admin, "/certs").await.expect("/certs");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(!body.contains("PRIVATE KEY"), "/certs never shows a key");
+    v["certificates"][0]["serial_number"]
+        .as_str()
+        .expect("serial")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mtls_carries_identities_and_refuses_plaintext_while_permissive_takes_both() {
+    let pair = Pair::new("STRICT", weft_certs::DEFAULT_WORKLOAD_TTL).await;
+
+    // Through the pair: the server's metrics name the client's proven identity.
+    let stats = wait_for(
+        "server metrics with the client's principal",
+        Duration::from_secs(10),
+        || async {
+            let (_, text) = get_text(pair.server.stats, "/stats/prometheus")
+                .await
+                .ok()?;
+            text.lines()
+                .find(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains("reporter=\"destination\"")
+                        && l.contains(
+                            "source_principal=\"spiffe://cluster.local/ns/test/sa/client-0\"",
+                        )
+                        && l.contains("connection_security_policy=\"mutual_tls\"")
+                })
+                .map(str::to_string)
+        },
+    )
+    .await;
+    assert!(
+        stats.contains("destination_principal=\"spiffe://cluster.local/ns/test/sa/backend-0\""),
+        "{stats}"
+    );
+
+    // STRICT: plaintext straight to the server's sidecar is refused.
+    assert!(
+        plaintext_get(pair.inbound).await.is_err(),
+        "plaintext got through STRICT"
+    );
+    // A certificate from another CA is refused; one from the mesh CA gets through.
+    let foreign = {
+        let ca = Ca::self_signed(TD, std::time::SystemTime::now(), Duration::from_secs(3600))
+            .expect("ca");
+        IdentityCell::new(
+            ca.issue(
+                &SpiffeId::new(TD, "test", "client-0"),
+                std::time::SystemTime::now(),
+                Duration::from_secs(3600),
+            )
+            .expect("issued"),
+        )
+    };
+    assert!(
+        mtls_get(pair.inbound, &foreign).await.is_err(),
+        "another CA's certificate was accepted"
+    );
+    let (status, _) = mtls_get(pair.inbound, &pair.identity("tester"))
+        .await
+        .expect("mesh identity");
+    assert_eq!(status, 200);
+
+    // PERMISSIVE: both plaintext and mTLS.
+    pair.mesh
+        .write("peer-authentication.yaml", &pa("PERMISSIVE"));
+    wait_for(
+        "plaintext accepted under PERMISSIVE",
+        Duration::from_secs(10),
+        || async {
+            plaintext_get(pair.inbound)
+                .await
+                .ok()
+                .filter(|s| *s == StatusCode::OK)
+        },
+    )
+    .await;
+    let (status, _) = mtls_get(pair.inbound, &pair.identity("tester"))
+        .await
+        .expect("mTLS under PERMISSIVE");
+    assert_eq!(status, 200);
+    let r = send(&http1_client(), pair.egress, "GET", HOST, "/", &[])
+        .await
+        .expect("through the pair");
+    assert_eq!(r.status, StatusCode::OK);
+    drop(pair.client);
+    pair.mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_continuous_load_without_a_failed_request() {
+    let ttl = Duration::from_secs(4);
+    let pair = Pair::new("STRICT", ttl).await;
+    let (client_first, server_first) = (serial(&pair.client).await, serial(&pair.server).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    // Keep requests flowing until both sides have rotated at least twice over.
+    let mut rotations = 0;
+    let (mut last_client, mut last_server) = (client_first.clone(), server_first.clone());
+    while rotations < 2 && tokio::time::Instant::now() < deadline {
+        // A fresh client each time, so new connections (and handshakes) happen across the rotation.
+        match send(&http1_client(), pair.egress, "GET", HOST, "/", &[]).await {
+            Ok(r) if r.status == StatusCode::OK => ok += 1,
+            Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
+            Err(e) => failed.push(e.to_string()),
+        }
+        let (c, s) = (serial(&pair.client).await, serial(&pair.server).await);
+        if c != last_client && s != last_server {
+            rotations += 1;
+            (last_client, last_server) = (c, s);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len() as u32
+    );
+    assert_eq!(
+        rotations, 2,
+        "both proxies rotated twice within 20s ({ok} requests)"
+    );
+    // The server presents its new certificate on new connections.
+    let (status, presented) = mtls_get(pair.inbound, &pair.identity("tester"))
+        .await
+        .expect("mTLS");
+    assert_eq!(status, 200);
+    assert_eq!(presented, serial(&pair.server).await);
+    assert_ne!(presented, server_first);
+    drop(pair.client);
+    pair.mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_signs_only_the_identity_the_token_proves() {
+    let mesh = Mesh::start(&[(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: test}\nspec: {serviceAccountName: web}\n".into(),
+    )])
+    .await;
+    let dir = mesh.identity_dir();
+    let token_path = dir.join("test").join("web").join("istio-token");
+    wait_for("the token file", Duration::from_secs(10), || {
+        let exists = token_path.exists();
+        async move { exists.then_some(()) }
+    })
+    .await;
+    let token = std::fs::read_to_string(&token_path).expect("token");
+    let roots = std::fs::read_to_string(dir.join("root-cert.pem")).expect("root");
+    let istiod = SpiffeId::new(TD, "istio-system", "istiod");
+    let tls = weft_certs::anonymous_client_config(&roots, PeerPolicy::Only(vec![istiod]), &["h2"])
+        .expect("tls");
+    let channel = weft_xds::tls::channel(&format!("https://{}", mesh.secure), Some(tls))
+        .await
+        .expect("connects to 15012");
+    let mut ca = IstioCertificateServiceClient::new(channel);
+    let ask = |sa: &str, bearer: Option<&str>| {
+        let key = WorkloadKey::generate().expect("key");
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: key.csr_pem(&SpiffeId::new(TD, "test", sa)).expect("csr"),
+            validity_duration: 3600,
+            metadata: None,
+        });
+        if let Some(t) = bearer {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {t}").parse().expect("header"),
+            );
+        }
+        req
+    };
+    let chain = ca
+        .create_certificate(ask("web", Some(&token)))
+        .await
+        .expect("signed")
+        .into_inner()
+        .cert_chain;
+    assert_eq!(chain.len(), 2, "leaf and root");
+    let refused = ca
+        .create_certificate(ask("admin", Some(&token)))
+        .await
+        .expect_err("a CSR for another identity");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused
+            .message()
+            .contains("spiffe://cluster.local/ns/test/sa/admin"),
+        "{}",
+        refused.message()
+    );
+    let anonymous = ca
+        .create_certificate(ask("web", None))
+        .await
+        .expect_err("no proof");
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    mesh.shutdown().await;
+}
