@@ -333,3 +333,152 @@ async fn the_ca_signs_only_the_identity_the_token_proves() {
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
     mesh.shutdown().await;
 }
+
+const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: backend-allow, namespace: test}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/test/sa/client-0"]}}]
+    to: [{operation: {methods: [GET], paths: ["/public*", "/admin*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: test}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_allow_and_deny_through_two_proxies_and_name_the_policy() {
+    let pair = Pair::new("STRICT", weft_certs::DEFAULT_WORKLOAD_TTL).await;
+    pair.mesh.write("authz.yaml", POLICIES);
+    let get = |path: &'static str| async move {
+        send(&http1_client(), pair.egress, "GET", HOST, path, &[])
+            .await
+            .expect("request completes")
+    };
+    wait_for("the policies to apply", Duration::from_secs(10), || async {
+        let r = get("/other").await;
+        (r.status == StatusCode::FORBIDDEN).then_some(())
+    })
+    .await;
+    assert_eq!(
+        get("/public/x").await.status,
+        StatusCode::OK,
+        "allowed by backend-allow"
+    );
+    let admin = get("/admin").await;
+    assert_eq!(admin.status, StatusCode::FORBIDDEN, "DENY wins over ALLOW");
+    assert_eq!(admin.body, "RBAC: access denied");
+    // Another identity of the mesh is not in the ALLOW policy.
+    let (status, _) = mtls_get(pair.inbound, &pair.identity("tester"))
+        .await
+        .expect("mTLS");
+    assert_eq!(status, 403);
+
+    // The server's metrics and access log say which policy denied.
+    let (_, text) = get_text(pair.server.stats, "/stats/prometheus")
+        .await
+        .expect("stats");
+    let denied = |policy: &str| {
+        text.lines().any(|l| {
+            l.starts_with("weft_authorization_denied_total{")
+                && l.contains(&format!("policy=\"{policy}\""))
+        })
+    };
+    assert!(denied("test/deny-admin"), "{text}");
+    assert!(denied("none"), "{text}");
+    let log = wait_for(
+        "the denial in the access log",
+        Duration::from_secs(5),
+        || async {
+            let log = pair.mesh.access_log();
+            log.contains("rbac_access_denied_matched_policy[ns[test]-policy[deny-admin]-rule[0]]")
+                .then_some(log)
+        },
+    )
+    .await;
+    assert!(log.contains(" 403 "), "{log}");
+    drop(pair.client);
+    pair.mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_denials_close_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client_ip, server_ip) = (next_ip(), next_ip());
+    let mut mesh = Mesh::start(&[]).await;
+    let (echo, task) = weft_integration::tcp_echo("db", mesh.watcher()).await;
+    mesh.spawn(task);
+    let mut manifests = mtls_service("db", "tcp", 5432, &[(server_ip, "db-0", "v1")]);
+    manifests.push_str(&sidecar(
+        "db",
+        &[("app", "db")],
+        &[(5432, "TCP", echo)],
+        &[],
+    ));
+    manifests.push_str(&sidecar(
+        "client",
+        &[("app", "client")],
+        &[],
+        &[(5432, "TCP")],
+    ));
+    mesh.write("mesh.yaml", &manifests);
+    mesh.write(
+        "authz.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: test}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules: [{from: [{source: {principals: [\"cluster.local/ns/test/sa/client-0\"]}}]}]\n",
+    );
+    let mut server = mesh
+        .proxy_mtls(
+            "db-0",
+            server_ip,
+            &[("app", "db")],
+            weft_certs::DEFAULT_WORKLOAD_TTL,
+        )
+        .await;
+    server.ready(1).await;
+    let mut client = mesh
+        .proxy_mtls(
+            "client-0",
+            client_ip,
+            &[("app", "client")],
+            weft_certs::DEFAULT_WORKLOAD_TTL,
+        )
+        .await;
+    client.ready(1).await;
+    let mut conn = tokio::net::TcpStream::connect(SocketAddr::new(client_ip, 5432))
+        .await
+        .expect("the client's egress accepts");
+    let _ = conn.write_all(b"hello").await;
+    let mut buf = [0u8; 5];
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("closed, not hanging");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the denied connection got {read:?}"
+    );
+    let stats = wait_for("the TCP denial counted", Duration::from_secs(5), || async {
+        let (_, text) = get_text(server.stats, "/stats/prometheus").await.ok()?;
+        text.lines()
+            .find(|l| {
+                l.starts_with("weft_authorization_denied_total{")
+                    && l.contains("policy=\"test/deny-client\"")
+                    && l.contains("protocol=\"tcp\"")
+            })
+            .map(str::to_string)
+    })
+    .await;
+    assert!(
+        stats.contains("source_principal=\"spiffe://cluster.local/ns/test/sa/client-0\""),
+        "{stats}"
+    );
+    mesh.shutdown().await;
+}

@@ -19,6 +19,8 @@ pub struct Entry<'a> {
     pub version: Version,
     pub status: u16,
     pub flags: &'a str,
+    /// Envoy's `%RESPONSE_CODE_DETAILS%`, such as `rbac_access_denied_matched_policy[...]`.
+    pub details: &'a str,
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub duration: Duration,
@@ -54,13 +56,14 @@ impl AccessLog {
             }
         };
         format!(
-            "[{}] \"{} {} {:?}\" {} {} - - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} - {}\n",
+            "[{}] \"{} {} {:?}\" {} {} {} - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} - {}\n",
             rfc3339_millis(e.start),
             e.method,
             e.path,
             e.version,
             e.status,
             e.flags,
+            dash(e.details),
             e.bytes_received,
             e.bytes_sent,
             e.duration.as_millis(),
@@ -148,6 +151,7 @@ mod tests {
             version: Version::HTTP_11,
             status: 200,
             flags: "-",
+            details: "via_upstream",
             bytes_received: 0,
             bytes_sent: 12,
             duration: Duration::from_millis(3),
@@ -161,7 +165,7 @@ mod tests {
         });
         assert_eq!(
             line,
-            "[1970-01-01T00:00:00.000Z] \"GET /api?x=1 HTTP/1.1\" 200 - - - \"-\" 0 12 3 - \"-\" \"curl/8\" \"-\" \"backend:9080\" \"127.0.0.21:9080\" outbound|9080|v1|backend.demo.svc.cluster.local - 127.0.0.10:9080 127.0.0.1:5555 - default\n"
+            "[1970-01-01T00:00:00.000Z] \"GET /api?x=1 HTTP/1.1\" 200 - via_upstream - \"-\" 0 12 3 - \"-\" \"curl/8\" \"-\" \"backend:9080\" \"127.0.0.21:9080\" outbound|9080|v1|backend.demo.svc.cluster.local - 127.0.0.10:9080 127.0.0.1:5555 - default\n"
         );
     }
 }

@@ -66,7 +66,48 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
+/// Istio writes principals without the scheme: `cluster.local/ns/x/sa/y`.
+fn istio_principal(id: &weft_certs::SpiffeId) -> String {
+    let full = id.to_string();
+    full.strip_prefix("spiffe://").unwrap_or(&full).to_string()
+}
+
+/// Envoy's response code details for a denial, naming the matched policy as istiod names it.
+fn denial_details(decision: &weft_policy::Decision) -> String {
+    match decision {
+        weft_policy::Decision::Deny { by: Some(m) } => format!(
+            "rbac_access_denied_matched_policy[{}]",
+            weft_policy::rbac::policy_name(&m.policy, m.rule)
+        ),
+        _ => "rbac_access_denied_matched_policy[none]".into(),
+    }
+}
+
 impl Ctx {
+    /// `weft_authorization_denied_total`, naming the policy and rule.
+    fn count_denial(
+        &self,
+        decision: &weft_policy::Decision,
+        protocol: &str,
+        source: Option<&weft_certs::SpiffeId>,
+    ) {
+        let (policy, rule) = match decision {
+            weft_policy::Decision::Deny { by: Some(m) } => (m.policy.clone(), m.rule.to_string()),
+            _ => ("none".into(), String::new()),
+        };
+        self.metrics
+            .denials
+            .get_or_create(&weft_telemetry::DenialLabels {
+                policy,
+                rule,
+                protocol: protocol.into(),
+                source_principal: source.map_or_else(|| "unknown".into(), ToString::to_string),
+                destination_workload: self.workload.name.clone(),
+                destination_workload_namespace: self.workload.namespace.clone(),
+            })
+            .inc();
+    }
+
     /// Istio's labels: outbound requests report as `source` with the endpoint's workload as destination;
     /// inbound ones report as `destination` with this workload and the services its port serves.
     fn request_labels(

@@ -142,7 +142,7 @@ async fn accept_loop(
                 debug!(%peer, %target, listener = %config.name, ?detected, "no filter chain for this connection; closing");
                 return;
             };
-            let conn = Conn { peer, target, listener: &config.name, inbound: config.inbound };
+            let conn = Conn { peer, target, listener: &config };
             match &chain.tls {
                 None => serve(stream, None, conn, chain.kind, &ctx, stop).await,
                 Some(tls) => {
@@ -170,8 +170,22 @@ async fn accept_loop(
 struct Conn<'a> {
     peer: SocketAddr,
     target: SocketAddr,
-    listener: &'a str,
-    inbound: bool,
+    /// The listener config the connection was accepted under.
+    listener: &'a ListenerConfig,
+}
+
+/// Resolves once the named listener's config differs from `accepted` (changed or removed).
+async fn listener_changed(ctx: &Ctx, accepted: &ListenerConfig) {
+    let mut updates = ctx.state.clone();
+    loop {
+        if updates.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = updates.borrow_and_update().clone();
+        if now.listeners.get(&accepted.name) != Some(accepted) {
+            return;
+        }
+    }
 }
 
 /// Runs a chain's filter over a connection, plaintext or already decrypted. `tls` is what the mTLS
@@ -192,8 +206,8 @@ async fn serve<IO>(
             let downstream = tcp::Downstream {
                 peer: conn.peer,
                 target: conn.target,
-                listener: conn.listener,
-                inbound: conn.inbound,
+                listener: &conn.listener.name,
+                inbound: conn.listener.inbound,
                 source_principal: source_principal.as_ref(),
             };
             tcp::proxy(stream, downstream, &tcp, ctx).await
@@ -202,7 +216,7 @@ async fn serve<IO>(
             let info = Arc::new(ConnInfo {
                 local: conn.target,
                 peer: conn.peer,
-                inbound: conn.inbound,
+                inbound: conn.listener.inbound,
                 http: http_config,
                 source_principal,
             });
@@ -211,9 +225,16 @@ async fn serve<IO>(
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::pin!(served);
+            // A changed listener (new routes inline, new authorization policy) must not keep
+            // serving kept-alive connections on the old config: they finish what is in flight and
+            // close, as Envoy drains connections of an updated listener.
             tokio::select! {
                 r = served.as_mut() => if let Err(e) = r { debug!(error = %e, "connection ended with an error") },
                 () = stopped(&mut stop, ctx) => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = served.await;
+                }
+                () = listener_changed(ctx, conn.listener) => {
                     served.as_mut().graceful_shutdown();
                     let _ = served.await;
                 }

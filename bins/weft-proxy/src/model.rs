@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::detect::Detected;
 
+mod rbac;
 mod tls;
 pub use tls::{DownstreamTls, UpstreamTls};
 use weft_xds::{
@@ -33,7 +34,7 @@ use weft_xds::{
             extensions::{
                 access_loggers::file::v3::FileAccessLog,
                 filters::{
-                    http::router::v3::Router,
+                    http::{rbac::v3::Rbac as HttpRbac, router::v3::Router},
                     listener::{
                         http_inspector::v3::HttpInspector, original_dst::v3::OriginalDst,
                         tls_inspector::v3::TlsInspector,
@@ -42,6 +43,7 @@ use weft_xds::{
                         http_connection_manager::v3::{
                             HttpConnectionManager, http_connection_manager, http_filter,
                         },
+                        rbac::v3::Rbac as NetworkRbac,
                         tcp_proxy::v3::{TcpProxy, tcp_proxy},
                     },
                 },
@@ -185,6 +187,9 @@ pub struct HttpConfig {
     /// The file access log lines go to (`/dev/stdout` in Istio's demo profile), if any.
     pub access_log: Option<String>,
     pub websocket: bool,
+    /// Authorization filters, in order, before routing.
+    #[serde(skip)]
+    pub rbac: Vec<weft_policy::rbac::Rbac>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -196,6 +201,9 @@ pub enum RouteSource {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TcpConfig {
     pub clusters: Vec<WeightedCluster>,
+    /// Authorization filters, decided once when the connection opens.
+    #[serde(skip)]
+    pub rbac: Vec<weft_policy::rbac::Rbac>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -305,37 +313,59 @@ impl TryFrom<&Listener> for ListenerConfig {
                     }
                 }
             };
-            let [filter] = chain.filters.as_slice() else {
+            // Network RBAC filters, then one terminal filter (HTTP connection manager or TCP proxy).
+            let Some((terminal, before)) = chain.filters.split_last() else {
                 return Err(reject(
                     K,
                     name,
                     field("filters"),
-                    "exactly one network filter is supported",
+                    "a terminal filter is required",
                 ));
             };
-            let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
-                return Err(reject(
-                    K,
-                    name,
-                    field("filters[0]"),
-                    "typed_config is required",
-                ));
+            let mut rbac = Vec::new();
+            for (j, f) in before.iter().enumerate() {
+                let f_field = field(&format!("filters[{j}] {}", f.name));
+                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    return Err(reject(K, name, f_field, "typed_config is required"));
+                };
+                if any.type_url != NetworkRbac::type_url() {
+                    return Err(reject(
+                        K,
+                        name,
+                        f_field,
+                        format!(
+                            "only RBAC may come before the terminal filter, not {}",
+                            any.type_url
+                        ),
+                    ));
+                }
+                let config: NetworkRbac = unpack(any, K, name, &f_field)?;
+                rbac.extend(rbac::network(&config, K, name, f_field)?);
+            }
+            let last = chain.filters.len() - 1;
+            let t_field = field(&format!("filters[{last}]"));
+            let Some(filter::ConfigType::TypedConfig(any)) = &terminal.config_type else {
+                return Err(reject(K, name, t_field, "typed_config is required"));
             };
             let kind = if any.type_url == HttpConnectionManager::type_url() {
-                ListenerKind::Http(http_config(
-                    &unpack(any, K, name, &field("filters[0]"))?,
-                    name,
-                )?)
+                if !rbac.is_empty() {
+                    return Err(reject(
+                        K,
+                        name,
+                        field("filters"),
+                        "network RBAC before an HTTP connection manager is not supported; use the HTTP RBAC filter",
+                    ));
+                }
+                ListenerKind::Http(http_config(&unpack(any, K, name, &t_field)?, name)?)
             } else if any.type_url == TcpProxy::type_url() {
-                ListenerKind::Tcp(tcp_config(
-                    &unpack(any, K, name, &field("filters[0]"))?,
-                    name,
-                )?)
+                let mut tcp = tcp_config(&unpack(any, K, name, &t_field)?, name)?;
+                tcp.rbac = rbac;
+                ListenerKind::Tcp(tcp)
             } else {
                 return Err(reject(
                     K,
                     name,
-                    format!("filter_chains[{i}].filters[0] {}", filter.name),
+                    format!("{t_field} {}", terminal.name),
                     format!("unsupported network filter {}", any.type_url),
                 ));
             };
@@ -423,16 +453,34 @@ impl ListenerConfig {
 
 fn http_config(hcm: &HttpConnectionManager, name: &str) -> Result<HttpConfig, Rejection> {
     const K: &str = "listener";
+    // RBAC filters, then the router, last.
+    let mut rbac = Vec::new();
+    let last = hcm.http_filters.len().checked_sub(1);
     for (i, f) in hcm.http_filters.iter().enumerate() {
-        let is_router = matches!(&f.config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url == Router::type_url());
-        if !is_router {
-            return Err(reject(
-                K,
-                name,
-                format!("http_filters[{i}] {}", f.name),
-                "unsupported HTTP filter",
-            ));
+        let field = format!("http_filters[{i}] {}", f.name);
+        let any = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(a)) => a,
+            _ => return Err(reject(K, name, field, "typed_config is required")),
+        };
+        if any.type_url == Router::type_url() && Some(i) == last {
+            continue;
         }
+        if any.type_url == HttpRbac::type_url() {
+            let config: HttpRbac = unpack(any, K, name, &field)?;
+            rbac.extend(rbac::http(&config, K, name, field)?);
+            continue;
+        }
+        return Err(reject(
+            K,
+            name,
+            field,
+            "unsupported HTTP filter (RBAC filters, then the router, are supported)",
+        ));
+    }
+    if last.is_none_or(|l| {
+        !matches!(&hcm.http_filters[l].config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url == Router::type_url())
+    }) {
+        return Err(reject(K, name, "http_filters", "the router must be the last HTTP filter"));
     }
     let mut websocket = false;
     for u in &hcm.upgrade_configs {
@@ -489,6 +537,7 @@ fn http_config(hcm: &HttpConnectionManager, name: &str) -> Result<HttpConfig, Re
         routes,
         access_log,
         websocket,
+        rbac,
     })
 }
 
@@ -517,7 +566,10 @@ fn tcp_config(tp: &TcpProxy, name: &str) -> Result<TcpConfig, Rejection> {
             ));
         }
     };
-    Ok(TcpConfig { clusters })
+    Ok(TcpConfig {
+        clusters,
+        rbac: Vec::new(),
+    })
 }
 
 // === Routes ===

@@ -35,6 +35,23 @@ where
         inbound,
         source_principal,
     } = conn;
+    if !config.rbac.is_empty() {
+        let facts = weft_policy::Request {
+            source_principal: source_principal.map(crate::istio_principal),
+            source_ip: Some(peer.ip()),
+            remote_ip: None,
+            destination_ip: Some(target.ip()),
+            destination_port: target.port(),
+            http: None,
+        };
+        let (decision, _) = weft_policy::rbac::decide(&config.rbac, &facts);
+        if !decision.allowed() {
+            // As Envoy's network RBAC: the connection is closed without a byte.
+            ctx.count_denial(&decision, "tcp", source_principal);
+            debug!(%peer, listener, reason = %decision.reason(), details = %crate::denial_details(&decision), "connection denied");
+            return;
+        }
+    }
     let state = ctx.state.borrow().clone();
     let cluster =
         lb::pick_cluster(&config.clusters).and_then(|c| state.clusters.get(&c.name).cloned());

@@ -225,6 +225,7 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         return snap;
     }
     let Some(sidecar) = sidecar else { return snap };
+    let policies = crate::authz::policies_for(model, proxy);
     let bind_default = proxy.ip.to_string();
     for ingress in &sidecar.spec.ingress {
         let port = ingress.port.number;
@@ -247,17 +248,23 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         cluster.metadata = Some(services_metadata(model, proxy, port));
         snap.insert(&cluster_name, &cluster);
         let listener_name = format!("{bind}_{port}");
-        let filter = inbound_filter(&listener_name, port, &cluster_name, protocol, &model.mesh);
+        let filters = inbound_filters(
+            &listener_name,
+            port,
+            &cluster_name,
+            protocol,
+            &model.mesh,
+            &policies,
+        );
         let mode = mtls::inbound_mode(model, proxy, port);
         let mut l = listener(
             &listener_name,
             &bind,
             port,
             TrafficDirection::Inbound,
-            filter,
+            Vec::new(),
         );
-        l.filter_chains =
-            mtls::inbound_chains(port, l.filter_chains.remove(0).filters, protocol, mode);
+        l.filter_chains = mtls::inbound_chains(port, filters, protocol, mode);
         mtls::inspect_tls(&mut l);
         snap.insert(&listener_name, &l);
     }
@@ -297,7 +304,7 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
                 &bind,
                 port.number,
                 TrafficDirection::Outbound,
-                chain,
+                vec![chain],
             ),
         );
     }
@@ -606,23 +613,28 @@ fn rds_filter(stat_prefix: &str, port: u16, mesh: &MeshOptions) -> Filter {
         stat_prefix,
         http_connection_manager::RouteSpecifier::Rds(rds),
         mesh,
+        Vec::new(),
     )
 }
 
-/// The filter that hands inbound traffic for `port` to its inbound cluster: HTTP through a route that
-/// matches everything, anything else through the TCP proxy.
-fn inbound_filter(
+/// The filters that hand inbound traffic for `port` to its inbound cluster, after the workload's
+/// AuthorizationPolicies (as RBAC filters): HTTP through a route that matches everything, anything
+/// else through the TCP proxy.
+fn inbound_filters(
     stat_prefix: &str,
     port: u16,
     cluster_name: &str,
     protocol: Protocol,
     mesh: &MeshOptions,
-) -> Filter {
+    policies: &[weft_policy::Policy],
+) -> Vec<Filter> {
     if !protocol.is_http() {
-        return tcp_proxy_filter(
+        let mut filters = rbac::network_filters(&weft_policy::rbac::compile(policies, true));
+        filters.push(tcp_proxy_filter(
             stat_prefix,
             tcp_proxy::ClusterSpecifier::Cluster(cluster_name.to_string()),
-        );
+        ));
+        return filters;
     }
     let route = RouteConfiguration {
         name: cluster_name.to_string(),
@@ -644,11 +656,12 @@ fn inbound_filter(
         }],
         ..Default::default()
     };
-    hcm_filter(
+    vec![hcm_filter(
         stat_prefix,
         http_connection_manager::RouteSpecifier::RouteConfig(route),
         mesh,
-    )
+        rbac::http_filters(&weft_policy::rbac::compile(policies, false)),
+    )]
 }
 
 fn listener(
@@ -656,13 +669,13 @@ fn listener(
     ip: &str,
     port: u16,
     direction: TrafficDirection,
-    filter: Filter,
+    filters: Vec<Filter>,
 ) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket_address(ip, port)),
         filter_chains: vec![FilterChain {
-            filters: vec![filter],
+            filters,
             ..Default::default()
         }],
         traffic_direction: direction as i32,
@@ -680,10 +693,12 @@ fn router_filter() -> HttpFilter {
     }
 }
 
+/// `filters` run before the router (authorization, on inbound chains).
 fn hcm_filter(
     stat_prefix: &str,
     routes: http_connection_manager::RouteSpecifier,
     mesh: &MeshOptions,
+    mut filters: Vec<HttpFilter>,
 ) -> Filter {
     let access_log = (!mesh.access_log_file.is_empty())
         .then(|| AccessLog {
@@ -699,7 +714,10 @@ fn hcm_filter(
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
-        http_filters: vec![router_filter()],
+        http_filters: {
+            filters.push(router_filter());
+            filters
+        },
         access_log,
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {
             upgrade_type: "websocket".into(),
@@ -1152,5 +1170,6 @@ pub(crate) fn sidecar_selects(sc: &Object<SidecarSpec>, proxy: &Proxy) -> Option
 
 mod capture;
 mod mtls;
+mod rbac;
 #[cfg(test)]
 mod tests;

@@ -186,11 +186,39 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
                 }
                 Some(other) => return Err(format!("spec.action: unknown action {other}")),
             }
+            for (i, rule) in ap.spec.rules.iter().enumerate() {
+                for (j, c) in rule.when.iter().enumerate() {
+                    if !supported_condition(&c.key) {
+                        return Err(format!(
+                            "spec.rules[{i}].when[{j}].key: {} is not supported (supported: request.headers[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.port); a policy Weft cannot enforce exactly is refused rather than half applied",
+                            c.key
+                        ));
+                    }
+                }
+            }
             r.authorization_policies.push(ap);
         }
         _ => return Err(format!("unsupported kind {kind} in API group {group:?}")),
     }
     Ok(())
+}
+
+/// The `when` keys Weft enforces. JWT claims (`request.auth.*`) need RequestAuthentication, and SNI
+/// or destination IP conditions are not translated yet.
+fn supported_condition(key: &str) -> bool {
+    let header = key
+        .strip_prefix("request.headers[")
+        .and_then(|k| k.strip_suffix(']'))
+        .is_some_and(|name| !name.is_empty());
+    header
+        || matches!(
+            key,
+            "source.ip"
+                | "remote.ip"
+                | "source.namespace"
+                | "source.principal"
+                | "destination.port"
+        )
 }
 
 fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, String> {
@@ -468,6 +496,12 @@ spec: {action: CUSTOM, rules: [{}]}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
+metadata: {name: claims, namespace: demo}
+spec:
+  rules: [{when: [{key: "request.auth.claims[iss]", values: ["x"]}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
 metadata: {name: jwt, namespace: demo}
 spec:
   rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]
@@ -500,16 +534,21 @@ spec:
         );
         let names: Vec<&str> = rejected.iter().map(|r| r.name.as_str()).collect();
         // requestPrincipals needs JWT support.
-        assert_eq!(names, ["odd", "ext", "jwt"], "{rejected:#?}");
+        assert_eq!(names, ["odd", "ext", "claims", "jwt"], "{rejected:#?}");
         assert!(
             rejected[1].reason.contains("CUSTOM"),
             "{}",
             rejected[1].reason
         );
         assert!(
-            rejected[2].reason.contains("requestPrincipals"),
+            rejected[2].reason.contains("request.auth.claims[iss]"),
             "{}",
             rejected[2].reason
+        );
+        assert!(
+            rejected[3].reason.contains("requestPrincipals"),
+            "{}",
+            rejected[3].reason
         );
     }
 }

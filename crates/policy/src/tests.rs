@@ -11,6 +11,7 @@ fn http(principal: Option<&str>, method: &str, path: &str) -> Request {
         source_principal: principal.map(str::to_string),
         source_ip: "10.1.2.3".parse().ok(),
         remote_ip: None,
+        destination_ip: None,
         destination_port: 8000,
         http: Some(HttpRequest {
             host: "httpbin.foo.svc.cluster.local:8000".into(),
@@ -26,6 +27,7 @@ fn tcp(principal: Option<&str>, port: u16) -> Request {
         source_principal: principal.map(str::to_string),
         source_ip: "10.1.2.3".parse().ok(),
         remote_ip: None,
+        destination_ip: None,
         destination_port: port,
         http: None,
     }
@@ -487,4 +489,52 @@ fn audit_is_reported_and_changes_nothing() {
             rule: 0
         }]
     );
+}
+
+#[test]
+fn rbac_names_round_trip_and_filters_run_in_envoys_order() {
+    use crate::rbac::{Rbac, RbacAction, RbacPolicy, decide, parse_policy_name, policy_name};
+    let name = policy_name("demo/deny-admin", 2);
+    assert_eq!(name, "ns[demo]-policy[deny-admin]-rule[2]");
+    assert_eq!(
+        parse_policy_name(&name),
+        Matched {
+            policy: "demo/deny-admin".into(),
+            rule: 2
+        }
+    );
+    let all = |action, name: &str| Rbac {
+        action,
+        policies: vec![(
+            name.into(),
+            RbacPolicy {
+                permissions: vec![rbac::Permission::Any],
+                principals: vec![rbac::Principal::Any],
+            },
+        )],
+    };
+    let req = tcp(None, 80);
+    let (d, audited) = decide(
+        &[
+            all(RbacAction::Log, "ns[a]-policy[audit]-rule[0]"),
+            all(RbacAction::Deny, "ns[a]-policy[deny]-rule[0]"),
+            all(RbacAction::Allow, "ns[a]-policy[allow]-rule[0]"),
+        ],
+        &req,
+    );
+    assert_eq!(d.reason(), "denied by a/deny rule 0");
+    assert_eq!(audited.len(), 1, "LOG reports and goes on");
+    let empty_allow = Rbac {
+        action: RbacAction::Allow,
+        policies: vec![],
+    };
+    assert!(
+        !decide(&[empty_allow], &req).0.allowed(),
+        "ALLOW with nothing denies all"
+    );
+    assert!(decide(&[], &req).0.allowed());
+    let c = rbac::Cidr::parse("10.0.0.0/8").expect("cidr");
+    assert!(c.contains("10.9.8.7".parse().expect("ip")));
+    assert!(!c.contains("11.0.0.1".parse().expect("ip")));
+    assert!(rbac::Cidr::parse("10.0.0.0/33").is_none());
 }

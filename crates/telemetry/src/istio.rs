@@ -52,8 +52,24 @@ pub struct TcpLabels {
     pub connection_security_policy: String,
 }
 
+/// Labels of Weft's authorization denials: which policy and rule denied, which Istio cannot say.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// `<namespace>/<name>` of the DENY policy, or `none` when no ALLOW policy matched.
+    pub policy: String,
+    /// The rule's index in the policy; empty when no ALLOW policy matched.
+    pub rule: String,
+    /// `http` or `tcp`.
+    pub protocol: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct IstioMetrics {
+    /// `weft_authorization_denied_total`.
+    pub denials: Family<DenialLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration_ms: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Histogram>,
@@ -79,6 +95,7 @@ impl IstioMetrics {
         let duration = || Histogram::new(DURATION_BUCKETS);
         let size = || Histogram::new(SIZE_BUCKETS);
         let m = Self {
+            denials: Family::default(),
             requests: Family::default(),
             request_duration_ms: Family::new_with_constructor(duration),
             request_bytes: Family::new_with_constructor(size),
@@ -128,6 +145,11 @@ impl IstioMetrics {
             "istio_tcp_connections_closed",
             "TCP connections closed",
             m.tcp_connections_closed.clone(),
+        );
+        registry.register(
+            "weft_authorization_denied",
+            "Requests and connections denied by an AuthorizationPolicy, by policy and rule",
+            m.denials.clone(),
         );
         m
     }

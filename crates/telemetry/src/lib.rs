@@ -2,7 +2,7 @@
 
 mod istio;
 
-pub use istio::{IstioMetrics, RequestLabels, TcpLabels};
+pub use istio::{DenialLabels, IstioMetrics, RequestLabels, TcpLabels};
 
 /// The content type of [`encode_prometheus_text`].
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -59,7 +59,7 @@ fn original_dst_cluster(name: &str, source: Option<&str>) -> Cluster {
 fn unbound_listener(name: &str, ip: &str, port: u16, filter: Filter) -> Listener {
     Listener {
         bind_to_port: bool_value(false),
-        ..listener(name, ip, port, TrafficDirection::Outbound, filter)
+        ..listener(name, ip, port, TrafficDirection::Outbound, vec![filter])
     }
 }
 
@@ -230,7 +230,8 @@ pub(super) fn generate(
         ),
     );
 
-    // Inbound: one chain per port the workload serves for some service, then passthrough for the rest.
+    // Inbound: chains per port the workload serves for some service, then passthrough for the rest.
+    let policies = crate::authz::policies_for(model, proxy);
     let ip = proxy.ip.to_string();
     let mut served: BTreeMap<u16, Protocol> = BTreeMap::new();
     for svc in model.registry.services.values() {
@@ -248,14 +249,16 @@ pub(super) fn generate(
         let mut cluster = static_cluster(&cluster_name, "127.0.0.1", port, protocol);
         cluster.metadata = Some(services_metadata(model, proxy, port));
         snap.insert(&cluster_name, &cluster);
-        let filter = inbound_filter(&cluster_name, port, &cluster_name, protocol, &model.mesh);
-        let mode = super::mtls::inbound_mode(model, proxy, port);
-        chains.extend(super::mtls::inbound_chains(
+        let filters = inbound_filters(
+            &cluster_name,
             port,
-            vec![filter],
+            &cluster_name,
             protocol,
-            mode,
-        ));
+            &model.mesh,
+            &policies,
+        );
+        let mode = super::mtls::inbound_mode(model, proxy, port);
+        chains.extend(super::mtls::inbound_chains(port, filters, protocol, mode));
     }
     chains.push(chain(
         None,
