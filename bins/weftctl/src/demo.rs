@@ -18,11 +18,16 @@ use weft_drain::DrainTrigger;
 use crate::sample_app;
 
 /// The bundled config, written to a directory the user can edit while the demo runs.
-const MANIFESTS: [(&str, &str); 3] = [
+const MANIFESTS: [(&str, &str); 4] = [
     ("mesh.yaml", include_str!("../demo/mesh.yaml")),
     ("routing.yaml", include_str!("../demo/routing.yaml")),
     ("sidecars.yaml", include_str!("../demo/sidecars.yaml")),
+    ("security.yaml", include_str!("../demo/security.yaml")),
 ];
+
+/// The AuthorizationPolicy the demo's `/admin` calls run into.
+const DENY_POLICY: &str = "demo/backend-no-admin";
+const DENIED_ROUTE: &str = "admin (forbidden by policy)";
 
 const FRONTEND: &str = "127.0.0.10:8000";
 
@@ -144,8 +149,8 @@ async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Ru
     let network = weft_netns::Network::new()?;
     let host = network.attach_host(HOST_IP)?;
     let xds = start_weftd(dir, HOST_IP.into(), &mut tasks, &watcher).await?;
-    let (mut proxies, mut apps, mut pods, mut metrics_urls) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut proxies, mut apps, mut pods, mut metrics_urls, mut stats) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let exe_path = exe
         .path
         .to_str()
@@ -156,19 +161,20 @@ async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Ru
         let ns = weft_netns::Netns::new(wl.pod)?;
         network.attach(&ns, ip)?;
         ns.exec(&[&exe_path, "iptables"])?;
-        let labels = serde_json::json!({"app": wl.app, "version": wl.version}).to_string();
         let log_path = dir.join(format!("{}.log", wl.pod));
         let log = std::fs::File::create(&log_path)?;
+        let token = proxy_readable_token(dir, &xds, wl)?;
         let proxy = ns
             .command("setpriv")
             .args(["--reuid=1337", "--regid=1337", "--clear-groups", &exe_path])
-            .args(["proxy", "--xds-address", &format!("http://{}", xds.address)])
+            .args(["proxy", "--xds-address", &format!("https://{}", xds.secure)])
             .env("POD_NAME", wl.pod)
             .env("POD_NAMESPACE", "demo")
             .env("INSTANCE_IP", ip.to_string())
             .env("SERVICE_ACCOUNT", wl.app)
-            .env("ISTIO_METAJSON_LABELS", labels)
+            .env("ISTIO_METAJSON_LABELS", pod_labels(wl))
             .env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
+            .envs(identity_env(&xds, &token))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -181,6 +187,7 @@ async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Ru
                 log_path.display()
             ),
         ));
+        stats.push((wl.pod.to_string(), SocketAddr::new(ip.into(), 15090)));
         let (app, version, port, w) = (wl.app, wl.version, wl.pod_port, watcher.clone());
         apps.push(ns.spawn(move || async move {
             let listener =
@@ -211,10 +218,51 @@ async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Ru
         trigger,
         tasks,
         metrics_urls,
+        stats,
         xds,
         frontend,
+        backend_inbound: SocketAddr::new(format!("{POD_NET}.21").parse::<Ipv4Addr>()?.into(), 9080),
         captured: Some(captured),
     })
+}
+
+fn pod_labels(wl: &Workload) -> String {
+    serde_json::json!({"app": wl.app, "version": wl.version, "security.istio.io/tlsMode": "istio"})
+        .to_string()
+}
+
+/// The bootstrap token weftd wrote for the workload's service account (its app name).
+fn token_path(xds: &XdsView, wl: &Workload) -> PathBuf {
+    xds.identity_dir
+        .join("demo")
+        .join(wl.app)
+        .join("istio-token")
+}
+
+/// Istio agent settings for a proxy that gets its certificate from weftd.
+fn identity_env(xds: &XdsView, token: &Path) -> Vec<(String, String)> {
+    vec![
+        ("CA_ADDR".into(), xds.secure.to_string()),
+        (
+            "WEFT_CA_ROOT_CERT".into(),
+            xds.identity_dir.join("root-cert.pem").display().to_string(),
+        ),
+        ("WEFT_CA_TOKEN_FILE".into(), token.display().to_string()),
+    ]
+}
+
+/// In a pod the token is mounted for the proxy's user; here, a copy the proxy (uid 1337) owns.
+fn proxy_readable_token(dir: &Path, xds: &XdsView, wl: &Workload) -> anyhow::Result<PathBuf> {
+    let copy = dir.join("pods").join(wl.pod).join("istio-token");
+    let parent = copy.parent().context("token path has a parent")?;
+    std::fs::create_dir_all(parent)?;
+    std::fs::copy(token_path(xds, wl), &copy)
+        .with_context(|| format!("no bootstrap token for {}", wl.pod))?;
+    let proxy_user = Some(nix::unistd::Uid::from_raw(1337));
+    let proxy_group = Some(nix::unistd::Gid::from_raw(1337));
+    nix::unistd::chown(&copy, proxy_user, proxy_group)?;
+    nix::unistd::chown(parent, proxy_user, proxy_group)?;
+    Ok(copy)
 }
 
 /// Per-route results.
@@ -264,6 +312,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Everything the demo started, so it can be drained in one place.
 struct Running {
     frontend: SocketAddr,
+    /// Backend v1's sidecar, where a plaintext call must be refused (STRICT).
+    backend_inbound: SocketAddr,
+    /// Each proxy's Prometheus endpoint, for the identities each hop proved.
+    stats: Vec<(String, SocketAddr)>,
     /// The namespaces, processes and threads of interception mode; dropping it tears them down.
     captured: Option<Captured>,
     trigger: DrainTrigger,
@@ -274,6 +326,10 @@ struct Running {
 
 struct XdsView {
     address: SocketAddr,
+    /// The CA and xDS over mTLS.
+    secure: SocketAddr,
+    /// Where the trust bundle and bootstrap tokens are.
+    identity_dir: PathBuf,
     monitoring: SocketAddr,
     metrics: weft_xds::XdsMetrics,
 }
@@ -302,6 +358,8 @@ async fn start_weftd(
     .await?;
     let xds = XdsView {
         address: weftd.xds_address(),
+        secure: weftd.secure_address(),
+        identity_dir: dir.join("identity"),
         monitoring: weftd.monitoring_address(),
         metrics: weftd.xds_metrics(),
     };
@@ -320,31 +378,33 @@ async fn start_explicit(dir: &Path) -> anyhow::Result<Running> {
     let mut tasks = JoinSet::new();
     let xds = start_weftd(dir, "127.0.0.1".parse()?, &mut tasks, &watcher).await?;
 
-    let mut metrics_urls = Vec::new();
+    let (mut metrics_urls, mut stats) = (Vec::new(), Vec::new());
     for wl in &WORKLOADS {
-        let labels = serde_json::json!({"app": wl.app, "version": wl.version}).to_string();
-        let vars: Vec<(String, String)> = [
+        let mut vars: Vec<(String, String)> = [
             ("POD_NAME", wl.pod.to_string()),
             ("POD_NAMESPACE", "demo".to_string()),
             ("INSTANCE_IP", wl.ip.to_string()),
             ("SERVICE_ACCOUNT", wl.app.to_string()),
-            ("ISTIO_METAJSON_LABELS", labels),
+            ("ISTIO_METAJSON_LABELS", pod_labels(wl)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        let token = token_path(&xds, wl);
+        vars.extend(identity_env(&xds, &token));
         let config =
-            weft_proxy::config::Config::from_env(format!("http://{}", xds.address), &vars)?;
+            weft_proxy::config::Config::from_env(format!("https://{}", xds.secure), &vars)?;
         let proxy = weft_proxy::app::build(config)
             .await
             .with_context(|| format!("cannot start the proxy for {}", wl.pod))?;
-        if let (Some(admin), Some(stats)) = (proxy.admin_address(), proxy.stats_address()) {
+        if let (Some(admin), Some(metrics)) = (proxy.admin_address(), proxy.stats_address()) {
             metrics_urls.push((
                 wl.pod.to_string(),
                 format!(
-                    "admin http://{admin}/config_dump  metrics http://{stats}/stats/prometheus"
+                    "admin http://{admin}/config_dump  http://{admin}/certs  metrics http://{metrics}/stats/prometheus"
                 ),
             ));
+            stats.push((wl.pod.to_string(), metrics));
         }
         tasks.spawn(proxy.run(watcher.clone()));
         let app_addr: SocketAddr = format!("127.0.0.1:{}", wl.app_port).parse()?;
@@ -370,8 +430,10 @@ async fn start_explicit(dir: &Path) -> anyhow::Result<Running> {
         trigger,
         tasks,
         metrics_urls,
+        stats,
         xds,
         frontend: FRONTEND.parse()?,
+        backend_inbound: "127.0.0.21:9080".parse()?,
         captured: None,
     })
 }
@@ -475,11 +537,13 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         start_explicit(&dir).await?
     };
     println!(
-        "  weftd: xDS on {}, metrics on http://{}/metrics",
-        running.xds.address, running.xds.monitoring
+        "  weftd: xDS on {} (plaintext), CA and xDS over mTLS on {}, metrics on http://{}/metrics",
+        running.xds.address, running.xds.secure, running.xds.monitoring
     );
     let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
     wait_ready(&client, running.frontend, Duration::from_secs(15)).await?;
+    // STRICT: a client outside the mesh cannot talk to the backend's sidecar in plaintext.
+    let plaintext = plaintext_refused(running.backend_inbound).await;
     println!(
         "  mesh ready; sending ~{} requests/s through the frontend {}",
         options.rate,
@@ -507,16 +571,23 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             () = &mut stop => break,
         }
         n += 1;
-        // Every 10th request is the test user, every 7th a gRPC status call; the rest go through the split.
+        // Every 10th request is the test user, every 7th a gRPC status call, every 13th an admin call
+        // the backend's AuthorizationPolicy refuses; the rest go through the split.
         let (route, path, user) = if n.is_multiple_of(10) {
             ("test-user (end-user: tester)", "/", Some("tester"))
         } else if n.is_multiple_of(7) {
             ("grpc status.demo", "/status", None)
+        } else if n.is_multiple_of(13) {
+            (DENIED_ROUTE, "/admin", None)
         } else {
             ("split 90/10", "/", None)
         };
         let t0 = Instant::now();
-        let result = call(&client, running.frontend, path, user).await;
+        let result = match call(&client, running.frontend, path, user).await {
+            // The denial is the expected answer on this route.
+            Err(e) if route == DENIED_ROUTE && e.starts_with("403") => Ok(e),
+            other => other,
+        };
         let tally = tallies.entry(route).or_default();
         tally.latencies.push(t0.elapsed());
         match result {
@@ -537,7 +608,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         }
     }
 
-    let ok = report(&tallies, &running);
+    let mut scraped = Vec::new();
+    for (pod, addr) in &running.stats {
+        scraped.push((pod.clone(), scrape(&client, *addr).await));
+    }
+    let ok = report(&tallies, &running, &Security { plaintext, scraped });
     let Running {
         trigger,
         mut tasks,
@@ -563,7 +638,84 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-fn report(tallies: &BTreeMap<&'static str, Tally>, running: &Running) -> bool {
+/// What the demo checks of identity and access, beyond the traffic tallies.
+struct Security {
+    /// `Ok` with why a plaintext call to the backend failed, or `Err` if it got through.
+    plaintext: Result<String, String>,
+    /// Each proxy's Prometheus text.
+    scraped: Vec<(String, String)>,
+}
+
+async fn plaintext_refused(addr: SocketAddr) -> Result<String, String> {
+    let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::builder()
+        .uri(format!("http://{addr}/"))
+        .header(http::header::HOST, sample_app::BACKEND_HOST)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+        Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+        Ok(Err(e)) => Ok(format!("connection refused by the sidecar ({e})")),
+        Err(_) => Ok("no answer".into()),
+    }
+}
+
+async fn scrape(client: &DemoClient, addr: SocketAddr) -> String {
+    let Ok(req) = Request::builder()
+        .uri(format!("http://{addr}/stats/prometheus"))
+        .body(Empty::new())
+    else {
+        return String::new();
+    };
+    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+        Ok(Ok(resp)) => resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// A label's value in one Prometheus text line.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    let rest = &line[start..];
+    Some(&rest[..rest.find('"')?])
+}
+
+/// The hops servers saw over mTLS: (client identity, server identity, server workload).
+fn mtls_hops(scraped: &[(String, String)]) -> std::collections::BTreeSet<(String, String, String)> {
+    scraped
+        .iter()
+        .flat_map(|(_, text)| text.lines())
+        .filter(|l| {
+            l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\"")
+        })
+        .filter(|l| label(l, "connection_security_policy") == Some("mutual_tls"))
+        .filter_map(|l| {
+            Some((
+                label(l, "source_principal")?.to_string(),
+                label(l, "destination_principal")?.to_string(),
+                label(l, "destination_workload")?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Denials counted by the proxies for `policy`.
+fn denials(scraped: &[(String, String)], policy: &str) -> f64 {
+    scraped
+        .iter()
+        .flat_map(|(_, text)| text.lines())
+        .filter(|l| l.starts_with("weft_authorization_denied_total{"))
+        .filter(|l| label(l, "policy") == Some(policy))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn report(tallies: &BTreeMap<&'static str, Tally>, running: &Running, security: &Security) -> bool {
     println!("\nsummary");
     let mut ok = true;
     for (route, t) in tallies {
@@ -635,6 +787,37 @@ fn report(tallies: &BTreeMap<&'static str, Tally>, running: &Running) -> bool {
         ok = false;
     } else {
         println!("  ✓ gRPC calls to status.demo were served over HTTP/2 through both proxies");
+    }
+    let denied_total = tallies.get(DENIED_ROUTE).map_or(0, Tally::total);
+    let denied_right = count(DENIED_ROUTE, "403 Forbidden: RBAC: access denied");
+    let counted = denials(&security.scraped, DENY_POLICY);
+    if denied_total == 0 || denied_right != denied_total || counted < 1.0 {
+        println!(
+            "  ✗ /admin calls: {denied_right} of {denied_total} denied; {counted} denials counted for {DENY_POLICY}"
+        );
+        ok = false;
+    } else {
+        println!(
+            "  ✓ every /admin call was denied (403 RBAC: access denied); the backend's proxies counted {counted} denials by {DENY_POLICY} rule 0"
+        );
+    }
+    match &security.plaintext {
+        Ok(why) => println!("  ✓ plaintext to backend v1 was refused under STRICT mTLS: {why}"),
+        Err(what) => {
+            println!("  ✗ plaintext to backend v1 got through STRICT mTLS: {what}");
+            ok = false;
+        }
+    }
+    let hops = mtls_hops(&security.scraped);
+    let reached = |workload: &str| hops.iter().any(|(_, _, w)| w.starts_with(workload));
+    if reached("backend") && reached("status") {
+        println!("  ✓ every hop between sidecars was mutual TLS; identities the servers saw:");
+    } else {
+        println!("  ✗ expected mTLS hops to backend and status; the servers saw:");
+        ok = false;
+    }
+    for (source, destination, workload) in &hops {
+        println!("      {source} -> {destination} ({workload})");
     }
     println!(
         "  xDS: {} NACKs from proxies",

@@ -59,8 +59,9 @@ pub async fn backend(listener: TcpListener, version: String, drain: DrainWatcher
     .await
 }
 
-/// The frontend: `/` calls the backend through the sidecar's egress listener, passing `end-user` along;
-/// `/status` makes a gRPC health check of the status service through the sidecar.
+/// The frontend: `/status` makes a gRPC health check of the status service through the sidecar; any
+/// other path calls the backend on that path through the sidecar's egress listener, passing `end-user`
+/// along.
 pub async fn frontend(
     listener: TcpListener,
     egress_http: SocketAddr,
@@ -95,8 +96,10 @@ pub async fn frontend(
                     Err(s) => text(StatusCode::BAD_GATEWAY, format!("status call failed: {s}")),
                 };
             }
+            // `/` and anything else (the demo's `/admin`) go to the backend on the same path.
+            let path = req.uri().path();
             let mut upstream = Request::builder()
-                .uri(format!("http://{egress_http}/"))
+                .uri(format!("http://{egress_http}{path}"))
                 .header(http::header::HOST, BACKEND_HOST);
             if let Some(user) = req.headers().get("end-user") {
                 upstream = upstream.header("end-user", user);
