@@ -34,6 +34,8 @@ pub(crate) struct Options {
 const BACKEND: &str = "127.0.0.1:18500";
 const CLIENT_PROXY_IP: &str = "127.0.0.101";
 const SERVER_PROXY_IP: &str = "127.0.0.102";
+/// weftd's CA and xDS over mTLS.
+const SECURE: &str = "127.0.0.1:18512";
 
 /// Kills its processes when dropped, so a failed run leaves nothing behind.
 struct Procs(Vec<(String, Child)>);
@@ -121,7 +123,17 @@ apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: pair-1, namespace: bench, labels: {{kubernetes.io/service-name: pair}}}}
 ports: [{{name: http, port: 9082}}]
-endpoints: [{{addresses: ["{SERVER_PROXY_IP}"]}}]
+endpoints: [{{addresses: ["{SERVER_PROXY_IP}"], targetRef: {{kind: Pod, name: server-0}}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server-0, namespace: bench, labels: {{app: server, security.istio.io/tlsMode: istio}}}}
+spec: {{serviceAccountName: server}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client-0, namespace: bench, labels: {{app: client, security.istio.io/tlsMode: istio}}}}
+spec: {{serviceAccountName: client}}
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -185,6 +197,7 @@ pub(crate) fn run(root: &Path, o: Options) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("bench.yaml"), manifests())?;
+    let identity = dir.join("identity");
     let mut procs = Procs(Vec::new());
     procs.spawn(
         "backend",
@@ -206,20 +219,41 @@ pub(crate) fn run(root: &Path, o: Options) -> anyhow::Result<()> {
             "127.0.0.1:18510",
             "--monitoring-address",
             "127.0.0.1:18511",
+            "--secure-address",
+            SECURE,
+            "--identity-dir",
+            &identity.display().to_string(),
         ]),
     )?;
-    let proxy = |ip: &str, app: &str| {
+    // Proxies get certificates from weftd's CA and talk mTLS to each other, as sidecars do.
+    let proxy = |ip: &str, app: &str| -> anyhow::Result<Command> {
+        let token = identity.join("bench").join(app).join("istio-token");
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !token.exists() {
+            anyhow::ensure!(
+                std::time::Instant::now() < until,
+                "weftd wrote no token for {app}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let mut c = Command::new(bin.join("weft-proxy"));
-        c.args(["--xds-address", "http://127.0.0.1:18510"])
+        c.args(["--xds-address", &format!("https://{SECURE}")])
             .env("POD_NAME", format!("{app}-0"))
             .env("POD_NAMESPACE", "bench")
             .env("INSTANCE_IP", ip)
-            .env("ISTIO_METAJSON_LABELS", format!("{{\"app\":\"{app}\"}}"))
+            .env("SERVICE_ACCOUNT", app)
+            .env(
+                "ISTIO_METAJSON_LABELS",
+                format!("{{\"app\":\"{app}\",\"security.istio.io/tlsMode\":\"istio\"}}"),
+            )
+            .env("CA_ADDR", SECURE)
+            .env("WEFT_CA_ROOT_CERT", identity.join("root-cert.pem"))
+            .env("WEFT_CA_TOKEN_FILE", token)
             .env("RUST_LOG", "warn");
-        c
+        Ok(c)
     };
-    let client_pid = procs.spawn("client proxy", &mut proxy(CLIENT_PROXY_IP, "client"))?;
-    let server_pid = procs.spawn("server proxy", &mut proxy(SERVER_PROXY_IP, "server"))?;
+    let client_pid = procs.spawn("client proxy", &mut proxy(CLIENT_PROXY_IP, "client")?)?;
+    let server_pid = procs.spawn("server proxy", &mut proxy(SERVER_PROXY_IP, "server")?)?;
     let mut targets = vec![
         Target {
             name: "direct".into(),
@@ -234,7 +268,7 @@ pub(crate) fn run(root: &Path, o: Options) -> anyhow::Result<()> {
             pids: vec![client_pid],
         },
         Target {
-            name: "weft: proxy pair".into(),
+            name: "weft: proxy pair (mTLS)".into(),
             addr: format!("{CLIENT_PROXY_IP}:9081").parse()?,
             host: "pair.bench.svc.cluster.local",
             pids: vec![client_pid, server_pid],
@@ -421,7 +455,9 @@ fn print_table(results: &[Result], idle: &[(String, u64)], o: &Options) {
         "\nweft bench: HTTP/1.1 keep-alive on loopback; {} req/s fixed rate and full speed on {} connections, {}s each",
         o.rate, o.connections, o.seconds
     );
-    println!("mTLS between proxies is not implemented yet: the pair runs plaintext.\n");
+    println!(
+        "weft's pair talks mTLS (certificates from weftd's CA); haproxy's pair is plaintext.\n"
+    );
     println!(
         "{:<40} {:>9} {:>9} {:>12} {:>12} {:>11} {:>24} {:>16}",
         "topology",
