@@ -180,20 +180,30 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
             let td = &model.mesh.trust_domain;
             let name = outbound_cluster_name(port.number, "", &svc.hostname);
             let mut cluster = outbound_cluster(&name, port.protocol, base_policy);
-            mtls::auto_mtls(&mut cluster, svc, port.number, "", &BTreeMap::new(), td);
+            let no_subset = BTreeMap::new();
+            mtls::cluster_tls(
+                &mut cluster,
+                svc,
+                port.number,
+                "",
+                &no_subset,
+                td,
+                base_policy,
+            );
             snap.insert(&name, &cluster);
             snap.insert(&name, &load_assignment(&name, svc, port, &BTreeMap::new()));
             for subset in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
                 let name = outbound_cluster_name(port.number, &subset.name, &svc.hostname);
                 let policy = subset.traffic_policy.as_ref().or(base_policy);
                 let mut cluster = outbound_cluster(&name, port.protocol, policy);
-                mtls::auto_mtls(
+                mtls::cluster_tls(
                     &mut cluster,
                     svc,
                     port.number,
                     &subset.name,
                     &subset.labels,
                     td,
+                    policy,
                 );
                 snap.insert(&name, &cluster);
                 snap.insert(&name, &load_assignment(&name, svc, port, &subset.labels));

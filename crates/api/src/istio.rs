@@ -287,6 +287,18 @@ pub struct TrafficPolicy {
     /// Translated to Envoy's `outlier_detection`, which weft-proxy does not enforce yet and so NACKs.
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+}
+
+/// `trafficPolicy.tls`: `ISTIO_MUTUAL` (mTLS with the workload certificate, whatever the endpoints'
+/// labels) or `DISABLE` (plaintext); with neither, auto mTLS decides per endpoint. `SIMPLE` and `MUTUAL`
+/// need certificates Weft does not mount yet, and are refused at load.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -318,6 +318,13 @@ fn validate_destination_rule(spec: &DestinationRuleSpec) -> Result<(), String> {
                 "trafficPolicy.loadBalancer.simple: {simple} is not supported"
             ));
         }
+        if let Some(mode) = p.tls.as_ref().and_then(|t| t.mode.as_deref())
+            && !matches!(mode, "DISABLE" | "ISTIO_MUTUAL")
+        {
+            return Err(format!(
+                "trafficPolicy.tls.mode: {mode} is not supported (DISABLE and ISTIO_MUTUAL are; SIMPLE and MUTUAL need client certificates Weft does not mount yet)"
+            ));
+        }
         if let Some(t) = p
             .connection_pool
             .as_ref()

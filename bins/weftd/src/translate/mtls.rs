@@ -88,21 +88,32 @@ fn tls_socket(any: Any) -> TransportSocket {
     }
 }
 
-/// Auto mTLS for a cluster of `svc`'s endpoints (restricted to `subset`), when any runs a sidecar.
-pub(super) fn auto_mtls(
+/// A cluster's mTLS, for `svc`'s endpoints restricted to `subset`: as the DestinationRule's
+/// `trafficPolicy.tls.mode` says (`ISTIO_MUTUAL` for every endpoint, `DISABLE` for none), else auto mTLS
+/// (endpoints running a sidecar get mTLS, the others plaintext).
+pub(super) fn cluster_tls(
     cluster: &mut Cluster,
     svc: &Service,
     port: u16,
     subset: &str,
     subset_labels: &BTreeMap<String, String>,
     trust_domain: &str,
+    policy: Option<&TrafficPolicy>,
 ) {
-    let endpoints: Vec<_> = svc
-        .endpoints
-        .iter()
-        .filter(|e| labels_match(subset_labels, &e.labels) && has_sidecar(e))
-        .collect();
-    if endpoints.is_empty() {
+    let mode = policy
+        .and_then(|p| p.tls.as_ref())
+        .and_then(|t| t.mode.as_deref());
+    let in_subset = || {
+        svc.endpoints
+            .iter()
+            .filter(|e| labels_match(subset_labels, &e.labels))
+    };
+    let endpoints: Vec<_> = match mode {
+        Some("DISABLE") => return,
+        Some("ISTIO_MUTUAL") => in_subset().collect(),
+        _ => in_subset().filter(|e| has_sidecar(e)).collect(),
+    };
+    if endpoints.is_empty() && mode.is_none() {
         return;
     }
     let peers: BTreeSet<String> = endpoints
@@ -112,12 +123,15 @@ pub(super) fn auto_mtls(
         })
         .collect();
     let peers: Vec<String> = peers.into_iter().collect();
-    let subset_part = if subset.is_empty() { "" } else { subset };
     let upstream = UpstreamTlsContext {
         common_tls_context: Some(common(&ALPN_MESH, &peers)),
-        sni: format!("outbound_.{port}_.{subset_part}_.{}", svc.hostname),
+        sni: format!("outbound_.{port}_.{subset}_.{}", svc.hostname),
         ..Default::default()
     };
+    if mode == Some("ISTIO_MUTUAL") {
+        cluster.transport_socket = Some(tls_socket(pack(&upstream)));
+        return;
+    }
     cluster.transport_socket_matches = vec![
         TransportSocketMatch {
             name: "tlsMode-istio".into(),

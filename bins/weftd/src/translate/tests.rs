@@ -243,3 +243,58 @@ fn captured_proxies_get_virtual_listeners_as_istiod_generates_them() {
         assert!(snap.get::<Cluster>(cluster).is_some(), "{cluster} missing");
     }
 }
+
+#[test]
+fn cluster_tls_follows_the_destination_rule_else_the_sidecar_label() {
+    let yaml = |tls: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: demo}}
+spec: {{ports: [{{name: tcp, port: 5432}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: db-1, namespace: demo, labels: {{kubernetes.io/service-name: db}}}}
+ports: [{{name: tcp, port: 5432}}]
+endpoints:
+- {{addresses: ["10.0.0.1"], targetRef: {{kind: Pod, name: db-0}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: db-0, namespace: demo, labels: {{app: db, security.istio.io/tlsMode: istio}}}}
+spec: {{serviceAccountName: db}}
+{tls}"#
+        )
+    };
+    let dr = |mode: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: demo}}\nspec: {{host: db, trafficPolicy: {{tls: {{mode: {mode}}}}}}}\n"
+        )
+    };
+    let cluster = |extra: String| {
+        let mut r = weft_api::Resources::default();
+        let mut rejected = Vec::new();
+        weft_api::parse_manifests("db.yaml", &yaml(&extra), &mut r, &mut rejected);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let snap = generate(
+            &Model::build(&r, MeshOptions::default()),
+            &proxy("web", "10.0.0.9"),
+        );
+        snap.get::<Cluster>("outbound|5432||db.demo.svc.cluster.local")
+            .expect("cluster")
+    };
+    let auto = cluster(String::new());
+    assert_eq!(auto.transport_socket_matches.len(), 2, "auto mTLS by label");
+    assert!(auto.transport_socket.is_none());
+    let forced = cluster(dr("ISTIO_MUTUAL"));
+    assert!(forced.transport_socket.is_some() && forced.transport_socket_matches.is_empty());
+    let off = cluster(dr("DISABLE"));
+    assert!(off.transport_socket.is_none() && off.transport_socket_matches.is_empty());
+
+    let mut r = weft_api::Resources::default();
+    let mut rejected = Vec::new();
+    weft_api::parse_manifests("db.yaml", &yaml(&dr("SIMPLE")), &mut r, &mut rejected);
+    assert!(rejected[0].reason.contains("SIMPLE"), "{rejected:?}");
+}
