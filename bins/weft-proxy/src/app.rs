@@ -110,6 +110,9 @@ impl App {
         let mut registry = Registry::default();
         let metrics = IstioMetrics::new(&mut registry);
         let ctx = Arc::new(Ctx {
+            principal: identity
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |_| config.spiffe_id.to_string()),
             tls: tls.clone(),
             state: state.subscribe(),
             metrics,

@@ -114,6 +114,7 @@ mod tests {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            tcp_tls: None,
         }
     }
 

@@ -40,6 +40,8 @@ pub struct Ctx {
     pub drain: DrainWatcher,
     /// TLS configs on the workload's identity, when it has one.
     tls: Arc<mtls::TlsConfigs>,
+    /// This workload's SPIFFE id for metric labels, or `unknown` without an identity; rotation keeps it.
+    principal: String,
     access_log: access_log::AccessLog,
     /// Upgraded (WebSocket) tunnels outlive the request that made them; this set owns them.
     tasks: TaskSet,
@@ -168,10 +170,7 @@ impl Ctx {
             l.destination_workload_namespace = me.namespace.clone();
             l.destination_app = me.app.clone();
             l.destination_version = me.version.clone();
-            l.destination_principal = self
-                .tls
-                .identity()
-                .map_or_else(|| "unknown".into(), |c| c.current().id.to_string());
+            l.destination_principal = self.principal.clone();
             if let Some(id) = &conn.source_principal {
                 l.source_principal = id.to_string();
                 l.source_workload_namespace = id.namespace.clone();
@@ -188,10 +187,7 @@ impl Ctx {
                 or_unknown(dest.map_or("", |w| w.namespace.as_str()));
             l.destination_app = or_unknown(dest.map_or("", |w| w.app.as_str()));
             l.destination_version = or_unknown(dest.map_or("", |w| w.version.as_str()));
-            l.source_principal = self
-                .tls
-                .identity()
-                .map_or_else(|| "unknown".into(), |c| c.current().id.to_string());
+            l.source_principal = self.principal.clone();
             // The server's identity, when mTLS pins it to one (Istio learns it by metadata exchange).
             let pinned = o
                 .endpoint

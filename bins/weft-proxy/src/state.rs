@@ -51,6 +51,9 @@ pub struct ClusterState {
     pub endpoints: Vec<Arc<EndpointState>>,
     pub next: AtomicUsize,
     pub client: HttpClient,
+    /// The client config and SNI for TCP proxied to this cluster's mTLS endpoints, built once here
+    /// rather than per connection.
+    pub tcp_tls: Option<(weft_certs::ClientTls, String)>,
 }
 
 /// Everything the data path reads: one immutable value, replaced as a whole on each accepted update.
@@ -164,9 +167,20 @@ impl XdsHandler {
             .clone()
             .unwrap_or_else(|| self.eds.get(&config.name).cloned().unwrap_or_default());
         // Keep pooled connections when only endpoints change.
-        let client = match previous {
-            Some(p) if p.config == config => p.client.clone(),
-            _ => client_for(&config, &self.tls)?,
+        let (client, tcp_tls) = match previous {
+            Some(p) if p.config == config => (p.client.clone(), p.tcp_tls.clone()),
+            _ => (
+                client_for(&config, &self.tls)?,
+                match upstream_tls(&config) {
+                    None => None,
+                    Some(u) => Some((
+                        self.tls.client(u, None).map_err(|e| {
+                            format!("cluster {}: transport_socket: {e}", config.name)
+                        })?,
+                        u.sni.clone(),
+                    )),
+                },
+            ),
         };
         Ok(ClusterState {
             endpoints: endpoints
@@ -182,6 +196,7 @@ impl XdsHandler {
             config,
             next: AtomicUsize::new(0),
             client,
+            tcp_tls,
         })
     }
 }

@@ -74,7 +74,7 @@ where
     };
     // mTLS when the endpoint's transport socket says so (auto mTLS: the endpoint runs a sidecar).
     let tls = match (&cluster, &endpoint) {
-        (Some(c), Some(e)) => c.config.tls_for(&e.config).cloned(),
+        (Some(c), Some(e)) if e.tls => c.tcp_tls.as_ref(),
         _ => None,
     };
     let result = match (destination, &cluster) {
@@ -82,11 +82,7 @@ where
             let connecting = async {
                 let tcp = connect(dst, c.config.source_address).await?;
                 let _ = tcp.set_nodelay(true);
-                let client = match &tls {
-                    Some(t) => Some((ctx.tls.client(t, None)?, t.sni.as_str())),
-                    None => None,
-                };
-                Upstream::over(tcp, client.as_ref().map(|(c, sni)| (c, *sni))).await
+                Upstream::over(tcp, tls.map(|(config, sni)| (config, sni.as_str()))).await
             };
             match tokio::time::timeout(c.config.connect_timeout, connecting).await {
                 Ok(Ok((mut upstream, server))) => {
