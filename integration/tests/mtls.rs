@@ -480,5 +480,15 @@ async fn tcp_denials_close_the_connection() {
         stats.contains("source_principal=\"spiffe://cluster.local/ns/test/sa/client-0\""),
         "{stats}"
     );
+    wait_for(
+        "the TCP denial in the access log",
+        Duration::from_secs(5),
+        || async {
+            mesh.access_log()
+                .contains("rbac_access_denied_matched_policy[ns[test]-policy[deny-client]-rule[0]]")
+                .then_some(())
+        },
+    )
+    .await;
     mesh.shutdown().await;
 }

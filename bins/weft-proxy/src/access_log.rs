@@ -33,6 +33,20 @@ pub struct Entry<'a> {
     pub route_name: &'a str,
 }
 
+/// What the access log records of one TCP connection.
+pub struct TcpEntry<'a> {
+    pub start: SystemTime,
+    pub flags: &'a str,
+    pub termination: &'a str,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: Duration,
+    pub upstream_host: Option<String>,
+    pub upstream_cluster: Option<&'a str>,
+    pub downstream_local: SocketAddr,
+    pub downstream_remote: SocketAddr,
+}
+
 /// Open log files by path, shared by every listener that logs to the same place.
 #[derive(Debug, Default)]
 pub struct AccessLog {
@@ -76,6 +90,28 @@ impl AccessLog {
             e.downstream_local,
             e.downstream_remote,
             dash(e.route_name),
+        )
+    }
+
+    /// A TCP connection's line in the same format, with the HTTP fields as `-`, as Envoy writes it for
+    /// a TCP proxy. `termination` is `%CONNECTION_TERMINATION_DETAILS%` (the RBAC policy that closed it).
+    pub fn format_tcp(&self, e: &TcpEntry<'_>) -> String {
+        format!(
+            "[{}] \"- - -\" 0 {} - {} \"-\" {} {} {} - \"-\" \"-\" \"-\" \"-\" \"{}\" {} - {} {} - -\n",
+            rfc3339_millis(e.start),
+            e.flags,
+            if e.termination.is_empty() {
+                "-"
+            } else {
+                e.termination
+            },
+            e.bytes_received,
+            e.bytes_sent,
+            e.duration.as_millis(),
+            e.upstream_host.as_deref().unwrap_or("-"),
+            e.upstream_cluster.unwrap_or("-"),
+            e.downstream_local,
+            e.downstream_remote,
         )
     }
 
@@ -137,6 +173,26 @@ mod tests {
         assert_eq!(
             rfc3339_millis(UNIX_EPOCH + Duration::from_millis(1_795_748_645_123)),
             "2026-11-27T03:04:05.123Z"
+        );
+    }
+
+    #[test]
+    fn tcp_lines_name_the_policy_that_closed_the_connection() {
+        let line = AccessLog::default().format_tcp(&TcpEntry {
+            start: UNIX_EPOCH,
+            flags: "-",
+            termination: "rbac_access_denied_matched_policy[ns[demo]-policy[deny-db]-rule[0]]",
+            bytes_received: 0,
+            bytes_sent: 0,
+            duration: Duration::from_millis(1),
+            upstream_host: None,
+            upstream_cluster: None,
+            downstream_local: "10.0.0.2:5432".parse().expect("addr"),
+            downstream_remote: "10.0.0.1:4444".parse().expect("addr"),
+        });
+        assert_eq!(
+            line,
+            "[1970-01-01T00:00:00.000Z] \"- - -\" 0 - - rbac_access_denied_matched_policy[ns[demo]-policy[deny-db]-rule[0]] \"-\" 0 0 1 - \"-\" \"-\" \"-\" \"-\" \"-\" - - 10.0.0.2:5432 10.0.0.1:4444 - -\n"
         );
     }
 

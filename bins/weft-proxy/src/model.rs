@@ -201,6 +201,8 @@ pub enum RouteSource {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TcpConfig {
     pub clusters: Vec<WeightedCluster>,
+    /// The file each connection's access log line goes to, if any.
+    pub access_log: Option<String>,
     /// Authorization filters, decided once when the connection opens.
     #[serde(skip)]
     pub rbac: Vec<weft_policy::rbac::Rbac>,
@@ -494,29 +496,7 @@ fn http_config(hcm: &HttpConnectionManager, name: &str) -> Result<HttpConfig, Re
         }
         websocket = u.enabled.as_ref().is_none_or(|e| e.value);
     }
-    let mut access_log = None;
-    for (i, log) in hcm.access_log.iter().enumerate() {
-        let Some(weft_xds::pb::envoy::config::accesslog::v3::access_log::ConfigType::TypedConfig(
-            any,
-        )) = &log.config_type
-        else {
-            return Err(reject(
-                K,
-                name,
-                format!("access_log[{i}]"),
-                "typed_config is required",
-            ));
-        };
-        let file: FileAccessLog = unpack(any, K, name, &format!("access_log[{i}]"))?;
-        if log.filter.is_some() || file.access_log_format.is_some() {
-            return Err(unsupported(
-                K,
-                name,
-                &format!("access_log[{i}] filter/format"),
-            ));
-        }
-        access_log = Some(file.path);
-    }
+    let access_log = file_access_log(&hcm.access_log, name, "access_log")?;
     let routes = match &hcm.route_specifier {
         Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
             RouteSource::Rds(rds.route_config_name.clone())
@@ -542,6 +522,21 @@ fn http_config(hcm: &HttpConnectionManager, name: &str) -> Result<HttpConfig, Re
 }
 
 fn tcp_config(tp: &TcpProxy, name: &str) -> Result<TcpConfig, Rejection> {
+    const K: &str = "listener";
+    let supported = TcpProxy {
+        stat_prefix: tp.stat_prefix.clone(),
+        cluster_specifier: tp.cluster_specifier.clone(),
+        access_log: tp.access_log.clone(),
+        ..Default::default()
+    };
+    if *tp != supported {
+        return Err(reject(
+            K,
+            name,
+            "tcp_proxy",
+            "only stat_prefix, cluster_specifier and access_log are supported",
+        ));
+    }
     let clusters = match &tp.cluster_specifier {
         Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
             name: c.clone(),
@@ -559,7 +554,7 @@ fn tcp_config(tp: &TcpProxy, name: &str) -> Result<TcpConfig, Rejection> {
             .collect(),
         None => {
             return Err(reject(
-                "listener",
+                K,
                 name,
                 "tcp_proxy.cluster_specifier",
                 "a cluster is required",
@@ -568,8 +563,38 @@ fn tcp_config(tp: &TcpProxy, name: &str) -> Result<TcpConfig, Rejection> {
     };
     Ok(TcpConfig {
         clusters,
+        access_log: file_access_log(&tp.access_log, name, "tcp_proxy.access_log")?,
         rbac: Vec::new(),
     })
+}
+
+/// The path of a file access log in Istio's default format; anything else is rejected.
+fn file_access_log(
+    logs: &[weft_xds::pb::envoy::config::accesslog::v3::AccessLog],
+    name: &str,
+    field: &str,
+) -> Result<Option<String>, Rejection> {
+    const K: &str = "listener";
+    let mut path = None;
+    for (i, log) in logs.iter().enumerate() {
+        let Some(weft_xds::pb::envoy::config::accesslog::v3::access_log::ConfigType::TypedConfig(
+            any,
+        )) = &log.config_type
+        else {
+            return Err(reject(
+                K,
+                name,
+                format!("{field}[{i}]"),
+                "typed_config is required",
+            ));
+        };
+        let file: FileAccessLog = unpack(any, K, name, &format!("{field}[{i}]"))?;
+        if log.filter.is_some() || file.access_log_format.is_some() {
+            return Err(unsupported(K, name, &format!("{field}[{i}] filter/format")));
+        }
+        path = Some(file.path);
+    }
+    Ok(path)
 }
 
 // === Routes ===

@@ -35,6 +35,27 @@ where
         inbound,
         source_principal,
     } = conn;
+    let (start, start_wall) = (tokio::time::Instant::now(), std::time::SystemTime::now());
+    let log = |termination: &str,
+               flags: &str,
+               bytes: (u64, u64),
+               upstream: Option<(&crate::state::ClusterState, Option<SocketAddr>)>| {
+        if let Some(path) = &config.access_log {
+            let line = ctx.access_log.format_tcp(&crate::access_log::TcpEntry {
+                start: start_wall,
+                flags,
+                termination,
+                bytes_received: bytes.0,
+                bytes_sent: bytes.1,
+                duration: start.elapsed(),
+                upstream_host: upstream.and_then(|(_, h)| h).map(|h| h.to_string()),
+                upstream_cluster: upstream.map(|(c, _)| c.config.name.as_str()),
+                downstream_local: target,
+                downstream_remote: peer,
+            });
+            ctx.access_log.write(path, &line);
+        }
+    };
     if !config.rbac.is_empty() {
         let facts = weft_policy::Request {
             source_principal: source_principal.map(crate::istio_principal),
@@ -48,7 +69,9 @@ where
         if !decision.allowed() {
             // As Envoy's network RBAC: the connection is closed without a byte.
             ctx.count_denial(&decision, "tcp", source_principal);
-            debug!(%peer, listener, reason = %decision.reason(), details = %crate::denial_details(&decision), "connection denied");
+            let details = crate::denial_details(&decision);
+            debug!(%peer, listener, reason = %decision.reason(), %details, "connection denied");
+            log(&details, "-", (0, 0), None);
             return;
         }
     }
@@ -104,8 +127,10 @@ where
         (Err(flag), _) => Err(flag),
         (Ok(_), None) => Err("NC"),
     };
+    let upstream = cluster.as_deref().map(|c| (c, destination.ok()));
     match result {
         Ok((from_downstream, to_downstream)) => {
+            log("", "-", (from_downstream, to_downstream), upstream);
             ctx.metrics
                 .tcp_received_bytes
                 .get_or_create(&labels)
@@ -117,6 +142,7 @@ where
         }
         Err(flag) => {
             debug!(%peer, listener, flag, "tcp connection could not be proxied");
+            log("", flag, (0, 0), upstream);
             labels = TcpLabels {
                 response_flags: flag.into(),
                 ..labels

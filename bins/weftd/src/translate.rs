@@ -305,7 +305,11 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
             if on_port.len() > 1 {
                 warn!(port = port.number, chosen = %svc.hostname, "several services share this TCP egress port; using the first");
             }
-            tcp_proxy_filter(&listener_name, tcp_destination(model, svc, port.number))
+            tcp_proxy_filter(
+                &listener_name,
+                tcp_destination(model, svc, port.number),
+                &model.mesh,
+            )
         };
         snap.insert(
             &listener_name,
@@ -643,6 +647,7 @@ fn inbound_filters(
         filters.push(tcp_proxy_filter(
             stat_prefix,
             tcp_proxy::ClusterSpecifier::Cluster(cluster_name.to_string()),
+            mesh,
         ));
         return filters;
     }
@@ -710,17 +715,7 @@ fn hcm_filter(
     mesh: &MeshOptions,
     mut filters: Vec<HttpFilter>,
 ) -> Filter {
-    let access_log = (!mesh.access_log_file.is_empty())
-        .then(|| AccessLog {
-            name: names::FILE_ACCESS_LOG.into(),
-            config_type: Some(access_log::ConfigType::TypedConfig(pack(&FileAccessLog {
-                path: mesh.access_log_file.clone(),
-                ..Default::default()
-            }))),
-            ..Default::default()
-        })
-        .into_iter()
-        .collect();
+    let access_log = access_logs(mesh);
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
@@ -760,10 +755,30 @@ fn api_listener(name: &str) -> Listener {
     }
 }
 
-fn tcp_proxy_filter(stat_prefix: &str, cluster: tcp_proxy::ClusterSpecifier) -> Filter {
+/// The mesh's access log (`meshConfig.accessLogFile`), for HTTP connection managers and TCP proxies.
+fn access_logs(mesh: &MeshOptions) -> Vec<AccessLog> {
+    (!mesh.access_log_file.is_empty())
+        .then(|| AccessLog {
+            name: names::FILE_ACCESS_LOG.into(),
+            config_type: Some(access_log::ConfigType::TypedConfig(pack(&FileAccessLog {
+                path: mesh.access_log_file.clone(),
+                ..Default::default()
+            }))),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect()
+}
+
+fn tcp_proxy_filter(
+    stat_prefix: &str,
+    cluster: tcp_proxy::ClusterSpecifier,
+    mesh: &MeshOptions,
+) -> Filter {
     let proxy = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(cluster),
+        access_log: access_logs(mesh),
         ..Default::default()
     };
     Filter {

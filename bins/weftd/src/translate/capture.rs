@@ -177,7 +177,8 @@ pub(super) fn generate(
             }
             for vip in &svc.addresses {
                 let name = format!("{vip}_{}", port.number);
-                let tcp = tcp_proxy_filter(&name, tcp_destination(model, svc, port.number));
+                let tcp =
+                    tcp_proxy_filter(&name, tcp_destination(model, svc, port.number), &model.mesh);
                 let mut l = unbound_listener(&name, vip, port.number, tcp);
                 if port.protocol == Protocol::Auto {
                     // Sniffed HTTP routes by Host like any HTTP port; anything else stays TCP.
@@ -219,6 +220,7 @@ pub(super) fn generate(
     let outbound_default = tcp_proxy_filter(
         fallback,
         tcp_proxy::ClusterSpecifier::Cluster(fallback.into()),
+        &model.mesh,
     );
     snap.insert(
         VIRTUAL_OUTBOUND,
@@ -265,6 +267,7 @@ pub(super) fn generate(
         tcp_proxy_filter(
             INBOUND_PASSTHROUGH,
             tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH.into()),
+            &model.mesh,
         ),
     ));
     let mut inbound = capture_listener(
