@@ -177,34 +177,27 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
         let dr = model.destination_rule_for(svc);
         for port in &svc.ports {
             let base_policy = dr.and_then(|d| d.traffic_policy.as_ref());
-            let td = &model.mesh.trust_domain;
+            // Proxyless gRPC clients take mTLS only through certificate providers in their own
+            // bootstrap, which Weft does not configure; they get plaintext clusters.
+            let secure = |cluster: &mut Cluster,
+                          subset: &str,
+                          labels: &BTreeMap<String, String>,
+                          policy: Option<&TrafficPolicy>| {
+                if !proxy.proxyless_grpc {
+                    let td = &model.mesh.trust_domain;
+                    mtls::cluster_tls(cluster, svc, port.number, subset, labels, td, policy);
+                }
+            };
             let name = outbound_cluster_name(port.number, "", &svc.hostname);
             let mut cluster = outbound_cluster(&name, port.protocol, base_policy);
-            let no_subset = BTreeMap::new();
-            mtls::cluster_tls(
-                &mut cluster,
-                svc,
-                port.number,
-                "",
-                &no_subset,
-                td,
-                base_policy,
-            );
+            secure(&mut cluster, "", &BTreeMap::new(), base_policy);
             snap.insert(&name, &cluster);
             snap.insert(&name, &load_assignment(&name, svc, port, &BTreeMap::new()));
             for subset in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
                 let name = outbound_cluster_name(port.number, &subset.name, &svc.hostname);
                 let policy = subset.traffic_policy.as_ref().or(base_policy);
                 let mut cluster = outbound_cluster(&name, port.protocol, policy);
-                mtls::cluster_tls(
-                    &mut cluster,
-                    svc,
-                    port.number,
-                    &subset.name,
-                    &subset.labels,
-                    td,
-                    policy,
-                );
+                secure(&mut cluster, &subset.name, &subset.labels, policy);
                 snap.insert(&name, &cluster);
                 snap.insert(&name, &load_assignment(&name, svc, port, &subset.labels));
             }
