@@ -85,34 +85,15 @@ impl App {
             state,
         } = self;
         let mut tasks = JoinSet::new();
-        // The certificate comes first: listeners and clusters that need mTLS refer to it.
-        let identity = match &config.identity {
-            None => None,
-            Some(identity) => {
-                let Some(cell) =
-                    crate::identity::bootstrap(identity, &config.spiffe_id, &drain).await
-                else {
-                    return;
-                };
-                tasks.spawn(
-                    crate::identity::rotate(
-                        identity.clone(),
-                        config.spiffe_id.clone(),
-                        cell.clone(),
-                        drain.clone(),
-                    )
-                    .instrument(info_span!("identity")),
-                );
-                Some(cell)
-            }
-        };
-        let tls = Arc::new(crate::mtls::TlsConfigs::new(identity.clone()));
+        let tls = Arc::new(crate::mtls::TlsConfigs::default());
         let mut registry = Registry::default();
         let metrics = IstioMetrics::new(&mut registry);
         let ctx = Arc::new(Ctx {
-            principal: identity
-                .as_ref()
-                .map_or_else(|| "unknown".into(), |_| config.spiffe_id.to_string()),
+            principal: if config.identity.is_some() {
+                config.spiffe_id.to_string()
+            } else {
+                "unknown".into()
+            },
             tls: tls.clone(),
             state: state.subscribe(),
             metrics,
@@ -123,20 +104,39 @@ impl App {
             tasks: Default::default(),
         });
         info!(node = %config.node.id, xds = %config.xds_address, "weft-proxy starting");
+        // Admin answers (not ready) while the certificate is being fetched.
         tasks.spawn(admin::serve(admin, ctx.clone()).instrument(info_span!("admin")));
         tasks.spawn(admin::serve(stats, ctx.clone()).instrument(info_span!("stats")));
-        let handler = XdsHandler::new(state, ListenerManager::new(ctx.clone()), tls);
-        let mut xds =
-            weft_xds::client::ClientConfig::new(config.xds_address.clone(), config.node.clone());
-        if config.xds_address.starts_with("https://") {
-            // weftd's 15012 takes this proxy's namespace and service account from its certificate.
-            let (Some(cell), Some(identity)) = (&identity, &config.identity) else {
-                tracing::error!(xds = %config.xds_address, "xDS over mTLS needs a workload certificate: set CA_ADDR");
+        // The certificate comes before xDS: listeners and clusters that need mTLS refer to it.
+        if let Some(identity) = &config.identity {
+            let Some(cell) = crate::identity::bootstrap(identity, &config.spiffe_id, &drain).await
+            else {
                 return;
             };
+            tls.set_identity(cell.clone());
+            tasks.spawn(
+                crate::identity::rotate(
+                    identity.clone(),
+                    config.spiffe_id.clone(),
+                    cell,
+                    drain.clone(),
+                )
+                .instrument(info_span!("identity")),
+            );
+        }
+        let handler = XdsHandler::new(state, ListenerManager::new(ctx.clone()), tls.clone());
+        let mut xds =
+            weft_xds::client::ClientConfig::new(config.xds_address.clone(), config.node.clone());
+        // weftd's 15012 takes this proxy's namespace and service account from its certificate;
+        // the config refuses https without CA_ADDR, so the identity is there.
+        if let (true, Some(cell), Some(identity)) = (
+            config.xds_address.starts_with("https://"),
+            tls.identity(),
+            &config.identity,
+        ) {
             let expected = weft_certs::PeerPolicy::Only(vec![identity.control_plane.clone()]);
             match weft_certs::client_config(cell, expected, &["h2"]) {
-                Ok(tls) => xds.tls = Some(tls),
+                Ok(client) => xds.tls = Some(client),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot set up TLS to the control plane");
                     return;

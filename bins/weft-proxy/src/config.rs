@@ -188,6 +188,15 @@ impl Config {
                 })
             }
         };
+        if xds_address.starts_with("https://") && identity.is_none() {
+            return Err(ConfigError::Invalid {
+                name: ENV_CA_ADDR.into(),
+                value: String::new(),
+                reason: format!(
+                    "xDS over mTLS ({xds_address}) needs a workload certificate; set CA_ADDR to weftd's CA (its 15012)"
+                ),
+            });
+        }
         let id = ProxyId {
             proxy_type: "sidecar".into(),
             ip,
@@ -291,6 +300,8 @@ mod tests {
             identity.control_plane.to_string(),
             "spiffe://cluster.local/ns/istio-system/sa/istiod"
         );
+        let err = Config::from_env("https://weftd:15012".into(), &vars(&base)).expect_err("no CA");
+        assert!(err.to_string().contains("CA_ADDR"), "{err}");
         assert_eq!(parse_go_duration("24h"), Some(Duration::from_secs(86400)));
         assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_go_duration("soon"), None);

@@ -190,7 +190,7 @@ pub async fn rotate(config: IdentityConfig, id: SpiffeId, cell: IdentityCell, dr
 /// `/certs`: identity, serial, validity and trust bundle; never a key.
 pub fn certs_json(cell: Option<&IdentityCell>) -> serde_json::Value {
     let Some(cell) = cell else {
-        return serde_json::json!({"certificates": [], "note": "no identity: CA_ADDR is not set"});
+        return serde_json::json!({"certificates": [], "note": "no certificate: CA_ADDR is not set, or the first one is still on its way"});
     };
     let id = cell.current();
     let secs = |t: SystemTime| {

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     io,
     pin::Pin,
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     task::{Context, Poll},
 };
 
@@ -30,32 +30,31 @@ pub const ALPN_HTTP11: &str = "istio-http/1.1";
 pub const ALPN_H2: &str = "istio-h2";
 
 /// The proxy's TLS configs, keyed by the xDS settings they implement.
+#[derive(Default)]
 pub struct TlsConfigs {
-    cell: Option<IdentityCell>,
+    /// Set once the first certificate is in; rotation then swaps what the cell holds.
+    cell: OnceLock<IdentityCell>,
     servers: Mutex<HashMap<DownstreamTls, ServerTls>>,
     clients: Mutex<HashMap<(UpstreamTls, Option<&'static str>), ClientTls>>,
 }
 
 impl TlsConfigs {
-    pub fn new(cell: Option<IdentityCell>) -> Self {
-        Self {
-            cell,
-            servers: Mutex::default(),
-            clients: Mutex::default(),
-        }
+    pub fn set_identity(&self, cell: IdentityCell) {
+        // Set once, at start; a second call would mean two bootstraps, which app::run never does.
+        let _ = self.cell.set(cell);
     }
 
     pub fn identity(&self) -> Option<&IdentityCell> {
-        self.cell.as_ref()
+        self.cell.get()
     }
 
     fn trust_domain(&self) -> Option<String> {
-        Some(self.cell.as_ref()?.current().id.trust_domain.clone())
+        Some(self.cell.get()?.current().id.trust_domain.clone())
     }
 
     /// A server config for a chain's `DownstreamTlsContext`; `None` without an identity.
     pub fn server(&self, tls: &DownstreamTls) -> io::Result<ServerTls> {
-        let cell = self.cell.as_ref().ok_or_else(no_identity)?;
+        let cell = self.cell.get().ok_or_else(no_identity)?;
         let mut servers = self
             .servers
             .lock()
@@ -79,7 +78,7 @@ impl TlsConfigs {
     /// A client config for a cluster's `UpstreamTlsContext`, with `http` put first in ALPN when the
     /// connection carries HTTP.
     pub fn client(&self, tls: &UpstreamTls, http: Option<&'static str>) -> io::Result<ClientTls> {
-        let cell = self.cell.as_ref().ok_or_else(no_identity)?;
+        let cell = self.cell.get().ok_or_else(no_identity)?;
         let key = (tls.clone(), http);
         let mut clients = self
             .clients

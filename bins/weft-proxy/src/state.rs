@@ -322,6 +322,6 @@ pub(crate) struct XdsHandlerTestAccess;
 #[cfg(test)]
 impl XdsHandlerTestAccess {
     pub(crate) fn client(config: &ClusterConfig) -> HttpClient {
-        client_for(config, &TlsConfigs::new(None)).expect("a plaintext cluster")
+        client_for(config, &TlsConfigs::default()).expect("a plaintext cluster")
     }
 }
