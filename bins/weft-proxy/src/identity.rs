@@ -209,3 +209,41 @@ pub fn certs_json(cell: Option<&IdentityCell>) -> serde_json::Value {
         "trust_bundle": {"name": SDS_ROOT, "pem": id.roots_pem},
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_half_the_lifetime_give_or_take_a_tenth() {
+        let now = SystemTime::now();
+        let ca = weft_certs::Ca::self_signed("cluster.local", now, weft_certs::DEFAULT_ROOT_TTL)
+            .expect("ca");
+        let id = SpiffeId::new("cluster.local", "demo", "web");
+        let ttl = Duration::from_secs(1000);
+        let identity = ca.issue(&id, now, ttl).expect("issued");
+        let lifetime = identity
+            .not_after
+            .duration_since(identity.not_before)
+            .expect("valid");
+        let from_issue = |jitter| {
+            let at = identity.not_before + renewal_delay(&identity, identity.not_before, jitter);
+            at.duration_since(identity.not_before).expect("after")
+        };
+        assert_eq!(from_issue(0.0), lifetime / 2);
+        assert_eq!(from_issue(-1.0), lifetime.mul_f64(0.4));
+        assert_eq!(from_issue(1.0), lifetime.mul_f64(0.6));
+        assert_eq!(from_issue(7.0), lifetime.mul_f64(0.6), "jitter is clamped");
+        let later = identity.not_after + Duration::from_secs(1);
+        assert_eq!(
+            renewal_delay(&identity, later, 0.0),
+            Duration::ZERO,
+            "overdue: now"
+        );
+        assert!(
+            certs_json(None)["certificates"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        );
+    }
+}
