@@ -14,10 +14,8 @@ use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
-    task::JoinSet,
 };
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri, server::Connected};
 use tracing::debug;
 use weft_certs::{ClientTls, Peer, ServerStream, ServerTls, SpiffeId};
@@ -87,39 +85,45 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// Handshakes in progress at once; more connections wait in the listen backlog.
+const CONCURRENT_HANDSHAKES: usize = 64;
+
 /// Accepts on `listener` and yields connections whose handshake succeeded. Handshakes run side by
-/// side, so one slow client does not hold up the rest. The accept task ends when the stream is dropped.
-pub fn incoming(listener: TcpListener, tls: ServerTls) -> ReceiverStream<io::Result<TlsConn>> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let mut handshakes = JoinSet::new();
-        loop {
-            let (tcp, remote) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => { debug!(error = %e, "accept failed"); continue }
-                },
-                Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
-                () = tx.closed() => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            let (tls, tx) = (tls.clone(), tx.clone());
-            handshakes.spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, weft_certs::accept(&tls, tcp)).await {
-                    Ok(Ok((stream, peer))) => {
-                        let info = TlsConnectInfo {
-                            remote: Some(remote),
-                            peer,
-                        };
-                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
-                    }
-                    Ok(Err(e)) => debug!(%remote, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%remote, "TLS handshake timed out"),
-                }
-            });
+/// side inside the stream (no task of their own), so the server that polls it owns them, and one slow
+/// client does not hold up the rest.
+pub fn incoming(
+    listener: TcpListener,
+    tls: ServerTls,
+) -> impl futures::Stream<Item = io::Result<TlsConn>> + Send {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener)
+        .filter_map(|accepted| async move {
+            accepted
+                .inspect_err(|e| debug!(error = %e, "accept failed"))
+                .ok()
+        })
+        .map(move |tcp| handshake(tls.clone(), tcp))
+        .buffer_unordered(CONCURRENT_HANDSHAKES)
+        .filter_map(|conn| async move { conn.map(Ok) })
+}
+
+async fn handshake(tls: ServerTls, tcp: TcpStream) -> Option<TlsConn> {
+    let remote = tcp.peer_addr().ok();
+    let _ = tcp.set_nodelay(true);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, weft_certs::accept(&tls, tcp)).await {
+        Ok(Ok((stream, peer))) => Some(TlsConn {
+            stream,
+            info: TlsConnectInfo { remote, peer },
+        }),
+        Ok(Err(e)) => {
+            debug!(?remote, error = %e, "TLS handshake failed");
+            None
         }
-    });
-    ReceiverStream::new(rx)
+        Err(_) => {
+            debug!(?remote, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// A channel to `address` (`https://host:port` or `http://host:port`): over `tls` when given, else
