@@ -331,6 +331,19 @@ async fn the_ca_signs_only_the_identity_the_token_proves() {
         .await
         .expect_err("no proof");
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    let (_, metrics) = get_text(mesh.monitoring, "/metrics")
+        .await
+        .expect("weftd metrics");
+    for line in [
+        "weft_ca_certificates_issued_total 1",
+        "weft_ca_requests_refused_total{reason=\"permission_denied\"} 1",
+        "weft_ca_requests_refused_total{reason=\"unauthenticated\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from:\n{metrics}"
+        );
+    }
     mesh.shutdown().await;
 }
 

@@ -25,7 +25,7 @@ use weft_xds::{
 };
 
 use crate::{
-    ca::{CaService, IdentityFiles, Lifetimes},
+    ca::{CaMetrics, CaService, IdentityFiles, Lifetimes},
     source,
     translate::{Generator, MeshOptions},
 };
@@ -86,6 +86,7 @@ pub struct App {
     ca: Arc<Ca>,
     tokens: Arc<BootstrapTokens>,
     identity_files: Option<IdentityFiles>,
+    ca_metrics: CaMetrics,
     generator: watch::Sender<Arc<dyn SnapshotGenerator>>,
     registry: Arc<Registry>,
     metrics: XdsMetrics,
@@ -142,6 +143,7 @@ pub async fn build(config: Config) -> Result<App, Error> {
         watch::channel(Arc::new(Generator { model }) as Arc<dyn SnapshotGenerator>);
     let mut registry = Registry::default();
     let metrics = XdsMetrics::new(&mut registry);
+    let ca_metrics = CaMetrics::new(&mut registry);
     Ok(App {
         config,
         xds,
@@ -150,6 +152,7 @@ pub async fn build(config: Config) -> Result<App, Error> {
         ca,
         tokens,
         identity_files,
+        ca_metrics,
         generator,
         registry: Arc::new(registry),
         metrics,
@@ -203,6 +206,7 @@ impl App {
             ca,
             tokens,
             identity_files,
+            ca_metrics,
             generator,
             registry,
             metrics,
@@ -244,6 +248,7 @@ impl App {
             tokens,
             trust_domain,
             lifetimes: config.lifetimes,
+            metrics: ca_metrics,
         });
         let ads = AdsServer::new(generator.subscribe(), metrics, drain.clone()).into_service();
         let shutdown = |d: DrainWatcher| async move { d.signaled().await };

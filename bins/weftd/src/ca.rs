@@ -9,6 +9,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use weft_certs::{BootstrapTokens, Ca, CaError, SpiffeId};
@@ -50,6 +55,52 @@ pub struct CaService {
     pub tokens: Arc<BootstrapTokens>,
     pub trust_domain: String,
     pub lifetimes: Lifetimes,
+    pub metrics: CaMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `unauthenticated`, `permission_denied`, `invalid_csr` or `internal`.
+    pub reason: String,
+}
+
+/// What the CA did, on weftd's `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct CaMetrics {
+    pub issued: Counter,
+    pub refused: Family<RefusedLabels, Counter>,
+}
+
+impl CaMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "weft_ca_certificates_issued",
+            "Workload certificates signed",
+            m.issued.clone(),
+        );
+        registry.register(
+            "weft_ca_requests_refused",
+            "Certificate requests refused, by reason",
+            m.refused.clone(),
+        );
+        m
+    }
+
+    fn refuse(&self, status: Status) -> Status {
+        let reason = match status.code() {
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::InvalidArgument => "invalid_csr",
+            _ => "internal",
+        };
+        self.refused
+            .get_or_create(&RefusedLabels {
+                reason: reason.into(),
+            })
+            .inc();
+        status
+    }
 }
 
 /// Who the caller is: a valid bootstrap token wins (it is how a workload gets its first certificate),
@@ -96,20 +147,26 @@ impl IstioCertificateService for CaService {
             &self.trust_domain,
             bearer.as_deref(),
             certificate,
-        )?;
+        )
+        .map_err(|s| self.metrics.refuse(s))?;
         let req = request.into_inner();
         let ttl = self.lifetimes.grant(req.validity_duration);
         match self.ca.sign_csr(&req.csr, &caller, SystemTime::now(), ttl) {
             Ok(cert_chain) => {
                 info!(identity = %caller, ttl_secs = ttl.as_secs(), "certificate issued");
+                self.metrics.issued.inc();
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(e @ CaError::WrongIdentity { .. }) => {
                 warn!(caller = %caller, error = %e, "CSR refused");
-                Err(Status::permission_denied(e.to_string()))
+                Err(self
+                    .metrics
+                    .refuse(Status::permission_denied(e.to_string())))
             }
-            Err(e @ CaError::Csr(_)) => Err(Status::invalid_argument(e.to_string())),
-            Err(e) => Err(Status::internal(e.to_string())),
+            Err(e @ CaError::Csr(_)) => {
+                Err(self.metrics.refuse(Status::invalid_argument(e.to_string())))
+            }
+            Err(e) => Err(self.metrics.refuse(Status::internal(e.to_string()))),
         }
     }
 }
