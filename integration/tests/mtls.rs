@@ -199,6 +199,39 @@ async fn strict_mtls_carries_identities_and_refuses_plaintext_while_permissive_t
         .expect("mesh identity");
     assert_eq!(status, 200);
 
+    // A WebSocket upgrade crosses the mTLS hop, and bytes flow both ways afterwards.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut ws = tokio::net::TcpStream::connect(pair.egress)
+            .await
+            .expect("connect");
+        ws.write_all(format!("GET /ws HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut byte))
+                .await
+                .expect("handshake in time")
+                .expect("read");
+            assert_eq!(n, 1, "closed during the handshake");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        ws.write_all(b"frames").await.expect("write");
+        let mut buf = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(&buf, b"frames");
+    }
+
     // PERMISSIVE: both plaintext and mTLS.
     pair.mesh
         .write("peer-authentication.yaml", &pa("PERMISSIVE"));
