@@ -92,7 +92,16 @@ pub async fn handle(
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let authority = authority(&req);
     let version = req.version();
-    let req_headers = req.headers().clone();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // The request moves on; the access log needs its headers afterwards, and only then are they kept.
+    let req_headers = conn
+        .http
+        .access_log
+        .is_some()
+        .then(|| req.headers().clone());
     let req_bytes = req.body().size_hint().exact().unwrap_or(0);
 
     let denied = (!conn.http.rbac.is_empty())
@@ -109,9 +118,6 @@ pub async fn handle(
         debug!(cluster = %c.config.name, status = %outcome.status, "forwarded");
     }
     let resp_bytes = resp.body().size_hint().exact().unwrap_or(0);
-    let grpc = req_headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let summary = crate::Outcome {
         status: outcome.status,
         flags: outcome.flags,
@@ -132,7 +138,7 @@ pub async fn handle(
         .response_bytes
         .get_or_create(&labels)
         .observe(resp_bytes as f64);
-    if let Some(path_out) = &conn.http.access_log {
+    if let (Some(path_out), Some(req_headers)) = (&conn.http.access_log, &req_headers) {
         let line = ctx.access_log.format(&crate::access_log::Entry {
             start: start_wall,
             method: &method,
@@ -144,7 +150,7 @@ pub async fn handle(
             bytes_received: req_bytes,
             bytes_sent: resp_bytes,
             duration,
-            headers: &req_headers,
+            headers: req_headers,
             authority: &authority,
             upstream_host: outcome
                 .endpoint
