@@ -103,6 +103,27 @@ impl Trust {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Tls {
+    V12,
+    V13,
+}
+
+/// Handshake signatures are checked the same way on both sides, with the one crypto provider.
+fn verify_signature(
+    provider: &CryptoProvider,
+    version: Tls,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, Error> {
+    let algorithms = &provider.signature_verification_algorithms;
+    match version {
+        Tls::V12 => rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms),
+        Tls::V13 => rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms),
+    }
+}
+
 /// Verifies a server by chain and SPIFFE id, ignoring the DNS name the client dialled.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
@@ -144,12 +165,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V12, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -158,12 +174,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V13, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -228,12 +239,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V12, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -242,12 +248,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V13, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
