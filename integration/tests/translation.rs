@@ -61,7 +61,8 @@ fn model() -> weftd::Model {
     let dir = std::env::temp_dir().join(format!("weft-translation-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("mesh.yaml"), MESH).expect("write");
-    let (resources, rejected) = weft_api::load_dir(&dir);
+    let (resources, rejected) =
+        weft_api::load_dir(&dir).expect("the fixture directory is readable");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(rejected.is_empty(), "{rejected:?}");
     weftd::Model::build(&resources, MeshOptions::default())

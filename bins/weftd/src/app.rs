@@ -69,6 +69,8 @@ pub enum Error {
     },
     #[error("config directory {0} does not exist or is not a directory")]
     NoConfigDir(PathBuf),
+    #[error("cannot load the config directory: {0}")]
+    Config(#[from] weft_api::LoadError),
     #[error("the xDS server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("the CA: {0}")]
@@ -134,8 +136,8 @@ pub async fn build(config: Config) -> Result<App, Error> {
         trust_domain: trust_domain.clone(),
         root_pem: ca.root_pem().to_string(),
     });
-    let loaded = source::fingerprint(&config.config_dir);
-    let model = Arc::new(source::load(&config.config_dir, &config.mesh));
+    let loaded = source::fingerprint(&config.config_dir)?;
+    let model = Arc::new(source::load(&config.config_dir, &config.mesh)?);
     if let Some(files) = &identity_files {
         files.write(&model);
     }

@@ -189,37 +189,44 @@ impl IdentityFiles {
             .join("istio-token")
     }
 
-    /// Writes the bundle and a token for every service account the model's workloads run as.
+    /// Writes the bundle and a token for every service account the model's workloads run as. Each
+    /// write stands alone: one that fails is logged with its service account, and the rest go on.
     pub fn write(&self, model: &Model) {
-        if let Err(e) = self.try_write(model) {
-            warn!(dir = %self.dir.display(), error = %e, "cannot write bootstrap tokens");
+        let bundle = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| std::fs::write(self.dir.join("root-cert.pem"), &self.root_pem));
+        if let Err(e) = bundle {
+            warn!(dir = %self.dir.display(), error = %e, "cannot write the trust bundle");
+        }
+        for (ns, sa) in &model.service_accounts {
+            if let Err(e) = self.write_token(ns, sa) {
+                warn!(dir = %self.dir.display(), namespace = %ns, service_account = %sa, error = %e, "cannot write a bootstrap token");
+            }
         }
     }
 
-    fn try_write(&self, model: &Model) -> std::io::Result<()> {
+    fn write_token(&self, ns: &str, sa: &str) -> std::io::Result<()> {
         use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        std::fs::create_dir_all(&self.dir)?;
-        std::fs::write(self.dir.join("root-cert.pem"), &self.root_pem)?;
-        for (ns, sa) in &model.service_accounts {
-            let path = Self::token_path(&self.dir, ns, sa);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let token = self
-                .tokens
-                .issue(&SpiffeId::new(&self.trust_domain, ns, sa));
-            // Write then rename, so a proxy never reads half a token.
-            let tmp = path.with_extension("tmp");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?
-                .write_all(token.as_bytes())?;
-            std::fs::rename(&tmp, &path)?;
+        // The loader already refuses such names; a path component is checked where it is made.
+        weft_api::names::check_label(ns)
+            .and_then(|()| weft_api::names::check_subdomain(sa))
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let path = Self::token_path(&self.dir, ns, sa);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
         }
-        Ok(())
+        let token = self
+            .tokens
+            .issue(&SpiffeId::new(&self.trust_domain, ns, sa));
+        // Write then rename, so a proxy never reads half a token.
+        let tmp = path.with_extension("tmp");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(token.as_bytes())?;
+        std::fs::rename(&tmp, &path)
     }
 }
 
@@ -271,5 +278,37 @@ mod tests {
         assert_eq!(l.grant(0), weft_certs::DEFAULT_WORKLOAD_TTL);
         assert_eq!(l.grant(3600), Duration::from_secs(3600));
         assert_eq!(l.grant(i64::MAX), l.max);
+    }
+
+    #[test]
+    fn each_token_write_stands_alone_and_none_leaves_the_directory() {
+        let dir = std::env::temp_dir().join(format!("weftd-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files = IdentityFiles {
+            dir: dir.join("identity"),
+            tokens: Arc::new(BootstrapTokens::generate().expect("key")),
+            trust_domain: "cluster.local".into(),
+            root_pem: "bundle".into(),
+        };
+        let mut model = Model::build(&Default::default(), Default::default());
+        // Sorted first, so a failure that stopped the loop would leave `web` unwritten.
+        model.service_accounts = [
+            ("demo", "../../escape".to_string()),
+            ("demo", "a".repeat(300)),
+            ("demo", "web".to_string()),
+        ]
+        .into_iter()
+        .map(|(ns, sa)| (ns.to_string(), sa))
+        .collect();
+        files.write(&model);
+        let web = IdentityFiles::token_path(&files.dir, "demo", "web");
+        let written = std::fs::read_to_string(&web);
+        let escaped = dir.join("escape").exists() || files.dir.join("escape").exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            written.is_ok_and(|t| !t.is_empty()),
+            "web's token is written"
+        );
+        assert!(!escaped, "no token outside the identity directory");
     }
 }

@@ -72,7 +72,8 @@ mod tests {
             std::env::temp_dir().join(format!("weft-pa-{}-{}", std::process::id(), yaml.len()));
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("pa.yaml"), yaml).expect("write");
-        let (resources, rejected) = weft_api::load_dir(&dir);
+        let (resources, rejected) =
+            weft_api::load_dir(&dir).expect("the fixture directory is readable");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(rejected.is_empty(), "{rejected:?}");
         Model::build(&resources, MeshOptions::default())

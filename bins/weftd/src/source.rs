@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use tokio::sync::watch;
@@ -18,48 +18,30 @@ use crate::{
 };
 
 /// Loads the directory into a model, logging each skipped resource with its file, kind, name and reason.
-pub fn load(dir: &Path, mesh: &MeshOptions) -> Model {
-    let (resources, rejected) = weft_api::load_dir(dir);
+/// A directory that cannot be read whole is an error, so the caller keeps the model it serves.
+pub fn load(dir: &Path, mesh: &MeshOptions) -> Result<Model, weft_api::LoadError> {
+    let (resources, rejected) = weft_api::load_dir(dir)?;
     for r in &rejected {
         warn!(file = %r.file, kind = %r.kind, name = %r.name, reason = %r.reason, "skipping invalid resource");
     }
     let model = Model::build(&resources, mesh.clone());
     info!(dir = %dir.display(), services = model.registry.services.len(), virtual_services = model.virtual_services.len(),
         destination_rules = model.destination_rules.len(), sidecars = model.sidecars.len(), skipped = rejected.len(), "config loaded");
-    model
+    Ok(model)
 }
 
-/// What a directory held when it was last read.
-pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+/// What a directory held when it was last read: every manifest's path, size and modification time
+/// (followed through symlinks, so a ConfigMap's swapped target counts as a change).
+pub type Fingerprint = Vec<weft_api::ManifestFile>;
 
-/// Names, sizes and modification times of every manifest under `dir`: cheap to take, and it changes
-/// when any manifest is added, removed or edited (other files, such as logs, do not count).
-pub fn fingerprint(dir: &Path) -> Fingerprint {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
-            ) {
-                out.push((path, meta.len(), meta.modified().ok()));
-            }
-        }
-    }
-    out.sort();
-    out
+pub fn fingerprint(dir: &Path) -> Result<Fingerprint, weft_api::LoadError> {
+    weft_api::list_manifests(dir).map(|(files, _)| files)
 }
 
 /// Watches `dir` by polling every `interval` and publishes a new generator whenever it differs from
 /// `last`, the fingerprint taken before the config now served was loaded (so no change falls between).
+/// When the directory cannot be read (out of descriptors, swapped away for a moment), the served
+/// config stays and the read is tried again at the next tick; the error is logged once per change.
 pub async fn watch_dir(
     mut last: Fingerprint,
     dir: PathBuf,
@@ -71,18 +53,35 @@ pub async fn watch_dir(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing: Option<String> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = drain.signaled() => return,
         }
-        let now = fingerprint(&dir);
-        if now == last {
-            continue;
-        }
-        info!(dir = %dir.display(), "config directory changed; reloading");
-        last = now;
-        let model = Arc::new(load(&dir, &mesh));
+        let loaded = fingerprint(&dir).and_then(|now| {
+            if now == last {
+                return Ok(None);
+            }
+            info!(dir = %dir.display(), "config directory changed; reloading");
+            load(&dir, &mesh).map(|model| Some((now, model)))
+        });
+        let model = match loaded {
+            Ok(None) => continue,
+            Ok(Some((now, model))) => {
+                last = now;
+                failing = None;
+                Arc::new(model)
+            }
+            Err(e) => {
+                let error = e.to_string();
+                if failing.as_ref() != Some(&error) {
+                    warn!(dir = %dir.display(), %error, "cannot read the config directory; keeping the config loaded before, retrying");
+                    failing = Some(error);
+                }
+                continue;
+            }
+        };
         // New service accounts get their tokens before their proxies could be told to ask.
         if let Some(files) = &identity_files {
             files.write(&model);

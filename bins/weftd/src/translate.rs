@@ -20,7 +20,7 @@ use weft_xds::{
         envoy::{
             config::{
                 accesslog::v3::{AccessLog, access_log},
-                cluster::v3::{Cluster, OutlierDetection, cluster},
+                cluster::v3::{Cluster, cluster},
                 core::v3::{
                     Address, AggregatedConfigSource, BindConfig, ConfigSource, DataSource,
                     HeaderValue, HeaderValueOption, HealthStatus, Http2ProtocolOptions, Locality,
@@ -423,31 +423,6 @@ fn outbound_cluster(name: &str, protocol: Protocol, policy: Option<&TrafficPolic
             seconds: DEFAULT_CONNECT_TIMEOUT_SECS,
             nanos: 0,
         });
-    let outlier_detection =
-        policy
-            .and_then(|p| p.outlier_detection.as_ref())
-            .map(|o| OutlierDetection {
-                consecutive_5xx: o
-                    .consecutive5xx_errors
-                    .map(|value| wkt::UInt32Value { value }),
-                consecutive_gateway_failure: o
-                    .consecutive_gateway_errors
-                    .map(|value| wkt::UInt32Value { value }),
-                interval: o
-                    .interval
-                    .as_deref()
-                    .and_then(|d| parse_duration(d).ok())
-                    .map(duration),
-                base_ejection_time: o
-                    .base_ejection_time
-                    .as_deref()
-                    .and_then(|d| parse_duration(d).ok())
-                    .map(duration),
-                max_ejection_percent: o
-                    .max_ejection_percent
-                    .map(|value| wkt::UInt32Value { value }),
-                ..Default::default()
-            });
     Cluster {
         name: name.to_string(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
@@ -462,7 +437,6 @@ fn outbound_cluster(name: &str, protocol: Protocol, policy: Option<&TrafficPolic
         typed_extension_protocol_options: http_protocol_options(protocol, policy)
             .into_iter()
             .collect(),
-        outlier_detection,
         ..Default::default()
     }
 }

@@ -284,7 +284,7 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     #[serde(default)]
     pub connection_pool: Option<ConnectionPoolSettings>,
-    /// Translated to Envoy's `outlier_detection`, which weft-proxy does not enforce yet and so NACKs.
+    /// Read so that its presence is refused with a reason: weft-proxy does not eject endpoints yet.
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]

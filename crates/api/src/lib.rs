@@ -8,12 +8,16 @@
 pub mod istio;
 pub mod k8s;
 mod load;
+pub mod names;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use load::{Rejected, Resources, load_dir, parse_duration, parse_manifests};
+pub use load::{
+    LoadError, MAX_FILE_BYTES, ManifestFile, Rejected, Resources, list_manifests, load_dir,
+    parse_duration, parse_manifests,
+};
 
 /// The namespace a resource lands in when its manifest names none, as `kubectl apply` does.
 pub const DEFAULT_NAMESPACE: &str = "default";

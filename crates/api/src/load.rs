@@ -1,6 +1,12 @@
 //! Reading manifests: a directory of YAML files, each holding one or more `---`-separated documents.
 
-use std::{path::Path, time::Duration};
+use std::{
+    collections::HashSet,
+    io::{self, Read},
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -12,6 +18,7 @@ use crate::{
         ServiceEntrySpec, SidecarSpec, StringMatch, VirtualServiceSpec, WorkloadEntrySpec,
     },
     k8s::{EndpointSlice, Pod, ServiceSpec},
+    names,
 };
 
 /// Every resource read from one source, by kind.
@@ -48,57 +55,171 @@ impl std::fmt::Display for Rejected {
     }
 }
 
-/// Reads every `*.yaml`/`*.yml` file under `dir` (recursively, in name order so results are stable).
-/// Unreadable files and invalid resources are returned as rejections; the rest is still loaded.
-pub fn load_dir(dir: &Path) -> (Resources, Vec<Rejected>) {
-    let mut resources = Resources::default();
-    let mut rejected = Vec::new();
-    let mut files = Vec::new();
-    collect_yaml_files(dir, &mut files, &mut rejected);
-    files.sort();
-    for file in files {
-        let name = file.display().to_string();
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_manifests(&name, &text, &mut resources, &mut rejected),
-            Err(e) => rejected.push(Rejected {
-                file: name,
-                kind: "-".into(),
-                name: "-".into(),
-                reason: format!("cannot read file: {e}"),
-            }),
-        }
-    }
-    (resources, rejected)
+/// Why a config directory could not be read as a whole. The caller keeps serving the config it
+/// loaded before: half a directory (or none, when descriptors ran out or the directory is being
+/// swapped) must never be taken for the mesh's whole config.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {source}")]
+    File { path: PathBuf, source: io::Error },
 }
 
-fn collect_yaml_files(
-    dir: &Path,
-    files: &mut Vec<std::path::PathBuf>,
-    rejected: &mut Vec<Rejected>,
-) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => {
-            rejected.push(Rejected {
-                file: dir.display().to_string(),
-                kind: "-".into(),
-                name: "-".into(),
-                reason: format!("cannot read directory: {e}"),
-            });
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            collect_yaml_files(&path, files, rejected);
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
-            files.push(path);
+/// One manifest file found under a config directory, with what changes when it is edited.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ManifestFile {
+    pub path: PathBuf,
+    pub len: u64,
+    pub modified: Option<SystemTime>,
+}
+
+/// Files larger than this are refused unread, so one file cannot take the loader's memory.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Lists every `*.yaml`/`*.yml` regular file under `dir`, recursively and in name order, following
+/// symlinks (a ConfigMap mount is made of them) and reading each directory once, so symlink loops end.
+/// Entries whose name starts with `.` are skipped: a ConfigMap mount's `..data` holds the same files
+/// its top-level links point to. Anything that is not a regular file is skipped with a rejection, as a
+/// FIFO would block the reader. An I/O error reading any directory is an error for the whole listing.
+pub fn list_manifests(dir: &Path) -> Result<(Vec<ManifestFile>, Vec<Rejected>), LoadError> {
+    let mut files = Vec::new();
+    let mut rejected = Vec::new();
+    let mut seen = HashSet::new();
+    let meta = std::fs::metadata(dir).map_err(|source| LoadError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    seen.insert((meta.dev(), meta.ino()));
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| LoadError::Dir {
+            path: d.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| LoadError::Dir {
+                path: d.clone(),
+                source,
+            })?;
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
+            let path = entry.path();
+            let manifest = matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            );
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                // A dangling symlink is the user's to fix; it takes nothing else down.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if manifest {
+                        rejected.push(file_rejection(&path, format!("skipped: {e}")));
+                    }
+                    continue;
+                }
+                Err(source) => return Err(LoadError::File { path, source }),
+            };
+            if meta.is_dir() {
+                if seen.insert((meta.dev(), meta.ino())) {
+                    stack.push(path);
+                } else {
+                    rejected.push(file_rejection(
+                        &path,
+                        "skipped: this directory was already read (a symlink loop or a second link to it)".into(),
+                    ));
+                }
+            } else if manifest && meta.is_file() {
+                files.push(ManifestFile {
+                    path,
+                    len: meta.len(),
+                    modified: meta.modified().ok(),
+                });
+            } else if manifest {
+                rejected.push(file_rejection(&path, "skipped: not a regular file".into()));
+            }
         }
     }
+    files.sort();
+    Ok((files, rejected))
+}
+
+fn file_rejection(path: &Path, reason: String) -> Rejected {
+    Rejected {
+        file: path.display().to_string(),
+        kind: "-".into(),
+        name: "-".into(),
+        reason,
+    }
+}
+
+/// Reads every manifest [`list_manifests`] finds. Invalid resources (and files that are not manifests)
+/// are returned as rejections and the rest is still loaded; an I/O error is an error for the whole
+/// directory.
+pub fn load_dir(dir: &Path) -> Result<(Resources, Vec<Rejected>), LoadError> {
+    let (files, mut rejected) = list_manifests(dir)?;
+    let mut resources = Resources::default();
+    for file in files {
+        if let Some(text) = read_manifest(&file.path, &mut rejected)? {
+            let name = file.path.display().to_string();
+            parse_manifests(&name, &text, &mut resources, &mut rejected);
+        }
+    }
+    Ok((resources, rejected))
+}
+
+/// Opens without blocking (a FIFO swapped in after the listing must not stall the loader), then checks
+/// what was opened is a regular file of a sane size.
+fn read_manifest(path: &Path, rejected: &mut Vec<Rejected>) -> Result<Option<String>, LoadError> {
+    let io_err = |source| LoadError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        rejected.push(file_rejection(path, "skipped: not a regular file".into()));
+        return Ok(None);
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        rejected.push(file_rejection(
+            path,
+            format!(
+                "skipped: {} bytes; a manifest file may hold at most {MAX_FILE_BYTES}",
+                meta.len()
+            ),
+        ));
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    (&mut file)
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(Some(text)),
+        Err(_) => {
+            rejected.push(file_rejection(path, "skipped: not UTF-8 text".into()));
+            Ok(None)
+        }
+    }
+}
+
+/// Istio reads files of thousands of generated documents; the depth, node-size and alias limits that
+/// stop hostile YAML stay as serde-saphyr sets them, only the counts that grow with honest size rise.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 100_000;
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 50_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }
 
 /// Parses the documents of one file into `resources`. `file` only labels rejections.
@@ -108,7 +229,7 @@ pub fn parse_manifests(
     resources: &mut Resources,
     rejected: &mut Vec<Rejected>,
 ) {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options()) {
         Ok(docs) => docs,
         Err(e) => {
             rejected.push(Rejected {
@@ -140,7 +261,8 @@ pub fn parse_manifests(
             .unwrap_or("-")
             .to_string();
         let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-        if let Err(reason) = add_document(group, &kind, doc, resources) {
+        let added = check_metadata(&doc).and_then(|()| add_document(group, &kind, doc, resources));
+        if let Err(reason) = added {
             rejected.push(Rejected {
                 file: file.into(),
                 kind,
@@ -155,10 +277,24 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
     match (group, kind) {
         ("", "Service") => r.services.push(typed(doc)?),
         ("discovery.k8s.io", "EndpointSlice") => r.endpoint_slices.push(typed(doc)?),
-        ("", "Pod") => r.pods.push(typed(doc)?),
+        ("", "Pod") => {
+            let pod: Pod = typed(doc)?;
+            if let Some(sa) = &pod.spec.service_account_name {
+                names::check_subdomain(sa).map_err(|e| format!("spec.serviceAccountName: {e}"))?;
+            }
+            r.pods.push(pod);
+        }
         ("", "Namespace") => {}
-        ("networking.istio.io", "ServiceEntry") => r.service_entries.push(typed(doc)?),
-        ("networking.istio.io", "WorkloadEntry") => r.workload_entries.push(typed(doc)?),
+        ("networking.istio.io", "ServiceEntry") => {
+            let se: Object<ServiceEntrySpec> = typed(doc)?;
+            validate_service_entry(&se.spec)?;
+            r.service_entries.push(se);
+        }
+        ("networking.istio.io", "WorkloadEntry") => {
+            let we: Object<WorkloadEntrySpec> = typed(doc)?;
+            validate_workload_entry(&we.spec).map_err(|e| format!("spec.{e}"))?;
+            r.workload_entries.push(we);
+        }
         ("networking.istio.io", "VirtualService") => {
             let vs: Object<VirtualServiceSpec> = typed(doc)?;
             validate_virtual_service(&vs.spec)?;
@@ -177,6 +313,17 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
         }
         ("security.istio.io", "AuthorizationPolicy") => {
             let ap: Object<AuthorizationPolicySpec> = typed(doc)?;
+            if ap
+                .metadata
+                .annotations
+                .get(DRY_RUN_ANNOTATION)
+                .map(String::as_str)
+                == Some("true")
+            {
+                return Err(format!(
+                    "metadata.annotations[{DRY_RUN_ANNOTATION}]: dry-run (shadow) policies are not supported yet; the policy is refused rather than enforced"
+                ));
+            }
             match ap.spec.action.as_deref() {
                 None | Some("ALLOW" | "DENY" | "AUDIT") => {}
                 Some("CUSTOM") => {
@@ -199,6 +346,84 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
             r.authorization_policies.push(ap);
         }
         _ => return Err(format!("unsupported kind {kind} in API group {group:?}")),
+    }
+    Ok(())
+}
+
+/// Istio's annotation for an AuthorizationPolicy that is evaluated and logged, never enforced.
+const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// `metadata` as the API server checks it: names, namespaces and labels all flow into paths, metric
+/// labels and cluster names downstream.
+fn check_metadata(doc: &Value) -> Result<(), String> {
+    let Some(meta) = doc.get("metadata") else {
+        return Err("metadata.name is required".into());
+    };
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("metadata.name is required")?;
+    names::check_subdomain(name).map_err(|e| format!("metadata.name: {e}"))?;
+    if let Some(ns) = meta.get("namespace").and_then(Value::as_str) {
+        names::check_label(ns).map_err(|e| format!("metadata.namespace: {e}"))?;
+    }
+    if let Some(labels) = meta.get("labels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            let v = v
+                .as_str()
+                .ok_or_else(|| format!("metadata.labels[{k}]: must be a string"))?;
+            names::check_label_pair(k, v).map_err(|e| format!("metadata.labels: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_workload_entry(spec: &WorkloadEntrySpec) -> Result<(), String> {
+    if let Some(sa) = &spec.service_account {
+        names::check_subdomain(sa).map_err(|e| format!("serviceAccount: {e}"))?;
+    }
+    for (k, v) in &spec.labels {
+        names::check_label_pair(k, v).map_err(|e| format!("labels: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Hosts must be DNS names, and only what Weft carries is accepted: endpoints listed by address
+/// (`STATIC`). `DNS` needs the proxy to resolve names, and `NONE` (Istio's default) to forward to the
+/// original destination; neither is built yet, and an empty cluster would fail every request.
+fn validate_service_entry(spec: &ServiceEntrySpec) -> Result<(), String> {
+    if spec.hosts.is_empty() {
+        return Err("spec.hosts: at least one host is required".into());
+    }
+    for (i, host) in spec.hosts.iter().enumerate() {
+        names::check_host(host).map_err(|e| format!("spec.hosts[{i}]: {e}"))?;
+    }
+    match spec.resolution.as_deref() {
+        Some("STATIC") => {}
+        Some(r @ ("DNS" | "DNS_ROUND_ROBIN")) => {
+            return Err(format!(
+                "spec.resolution: {r} is not supported yet (weft-proxy does not resolve hostnames); list the endpoints by IP address with resolution: STATIC"
+            ));
+        }
+        None | Some("NONE") => {
+            return Err(
+                "spec.resolution: NONE (Istio's default) forwards to the original destination, which Weft does not do for ServiceEntries yet; set resolution: STATIC with endpoints or a workloadSelector".into(),
+            );
+        }
+        Some(other) => return Err(format!("spec.resolution: unknown resolution {other}")),
+    }
+    match spec.location.as_deref() {
+        None | Some("MESH_EXTERNAL" | "MESH_INTERNAL") => {}
+        Some(other) => return Err(format!("spec.location: unknown location {other}")),
+    }
+    for (i, ep) in spec.endpoints.iter().enumerate() {
+        ep.address.parse::<std::net::IpAddr>().map_err(|_| {
+            format!(
+                "spec.endpoints[{i}].address: {:?} is not an IP address (resolution STATIC takes addresses)",
+                ep.address
+            )
+        })?;
+        validate_workload_entry(ep).map_err(|e| format!("spec.endpoints[{i}].{e}"))?;
     }
     Ok(())
 }
@@ -298,6 +523,11 @@ fn validate_string_match(sm: &StringMatch) -> Result<(), String> {
     if set > 1 {
         return Err("a string match takes only one of exact, prefix or regex".into());
     }
+    if let Some(re) = &sm.regex {
+        // Compiled as the proxy will (anchored), so a pattern it cannot take never reaches it.
+        regex::Regex::new(&format!("^(?:{re})$"))
+            .map_err(|e| format!("regex {re:?} does not compile: {e}"))?;
+    }
     Ok(())
 }
 
@@ -317,6 +547,11 @@ fn validate_destination_rule(spec: &DestinationRuleSpec) -> Result<(), String> {
             return Err(format!(
                 "trafficPolicy.loadBalancer.simple: {simple} is not supported"
             ));
+        }
+        if p.outlier_detection.is_some() {
+            return Err(
+                "trafficPolicy.outlierDetection: not supported yet (weft-proxy does not eject endpoints); the rule is refused so it cannot take other clusters down".into(),
+            );
         }
         if let Some(mode) = p.tls.as_ref().and_then(|t| t.mode.as_deref())
             && !matches!(mode, "DISABLE" | "ISTIO_MUTUAL")
@@ -557,5 +792,224 @@ spec:
             "{}",
             rejected[3].reason
         );
+    }
+}
+
+#[cfg(test)]
+mod validation_tests {
+    use super::*;
+
+    /// Each manifest is refused at load with a reason naming the field, so it never reaches a path,
+    /// a metric label or a proxy that would NACK it.
+    #[test]
+    fn what_weft_cannot_use_is_refused_with_the_field_named() {
+        let cases = [
+            (
+                "pod with a path for a service account",
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo}\nspec: {serviceAccountName: ../../escape}\n",
+                "spec.serviceAccountName",
+            ),
+            (
+                "overlong service account",
+                &format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: demo}}\nspec: {{serviceAccountName: {}}}\n",
+                    "a".repeat(300)
+                ),
+                "spec.serviceAccountName",
+            ),
+            (
+                "workload entry account",
+                "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w, namespace: demo}\nspec: {address: 10.0.0.1, serviceAccount: a/b}\n",
+                "spec.serviceAccount",
+            ),
+            (
+                "bad namespace",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: Demo_1}\nspec: {ports: [{port: 80}]}\n",
+                "metadata.namespace",
+            ),
+            (
+                "bad name",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: \"a b\"}\nspec: {ports: [{port: 80}]}\n",
+                "metadata.name",
+            ),
+            (
+                "no name",
+                "apiVersion: v1\nkind: Service\nmetadata: {namespace: demo}\nspec: {ports: [{port: 80}]}\n",
+                "metadata.name",
+            ),
+            (
+                "bad label",
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: \"x y\"}}\nspec: {}\n",
+                "metadata.labels",
+            ),
+            (
+                "regex",
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec: {hosts: [a], http: [{match: [{uri: {regex: \"/(a\"}}], route: [{destination: {host: a}}]}]}\n",
+                "does not compile",
+            ),
+            (
+                "outlier detection",
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: a, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}}\n",
+                "outlierDetection",
+            ),
+            (
+                "service entry ip host",
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e}\nspec: {hosts: [10.1.2.3], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: 10.1.2.3}]}\n",
+                "spec.hosts[0]",
+            ),
+            (
+                "service entry dns",
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e}\nspec: {hosts: [api.example.com], resolution: DNS, ports: [{number: 443, name: https}]}\n",
+                "spec.resolution: DNS",
+            ),
+            (
+                "service entry none",
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e}\nspec: {hosts: [api.example.com], ports: [{number: 443, name: https}]}\n",
+                "spec.resolution: NONE",
+            ),
+            (
+                "service entry hostname endpoint",
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e}\nspec: {hosts: [db.example.com], resolution: STATIC, ports: [{number: 5432, name: tcp}], endpoints: [{address: db1.example.com}]}\n",
+                "spec.endpoints[0].address",
+            ),
+            (
+                "dry-run policy",
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, annotations: {istio.io/dry-run: \"true\"}}\nspec: {action: DENY, rules: [{}]}\n",
+                "dry-run",
+            ),
+        ];
+        for (what, text, reason) in cases {
+            let mut res = Resources::default();
+            let mut rejected = Vec::new();
+            parse_manifests("t.yaml", text, &mut res, &mut rejected);
+            assert_eq!(rejected.len(), 1, "{what}: {res:?}");
+            assert!(
+                rejected[0].reason.contains(reason),
+                "{what}: {}",
+                rejected[0].reason
+            );
+        }
+        let fine = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: e, namespace: demo}\nspec: {hosts: [db.example.com], location: MESH_INTERNAL, resolution: STATIC, ports: [{number: 5432, name: tcp}], endpoints: [{address: 10.0.0.9, serviceAccount: db}]}\n";
+        let mut res = Resources::default();
+        let mut rejected = Vec::new();
+        parse_manifests("t.yaml", fine, &mut res, &mut rejected);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(res.service_entries.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod dir_tests {
+    use std::{os::unix::fs::symlink, path::PathBuf};
+
+    use super::*;
+
+    /// A scratch directory removed when the test ends, pass or fail.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("weft-api-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create scratch dir");
+            Self(dir)
+        }
+        fn write(&self, rel: &str, text: &str) {
+            let path = self.0.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).expect("create parent");
+            }
+            std::fs::write(path, text).expect("write manifest");
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {ports: [{name: http, port: 80}]}\n";
+
+    #[test]
+    fn a_missing_directory_is_an_error_not_an_empty_mesh() {
+        let s = Scratch::new("missing");
+        let gone = s.0.join("swapped-away");
+        assert!(matches!(load_dir(&gone), Err(LoadError::Dir { .. })));
+    }
+
+    #[test]
+    fn a_dangling_link_is_skipped_and_the_rest_loads() {
+        let s = Scratch::new("vanish");
+        s.write("a.yaml", SERVICE);
+        symlink(s.0.join("nowhere"), s.0.join("sub")).expect("symlink");
+        let (res, rejected) = load_dir(&s.0).expect("loads");
+        assert_eq!(res.services.len(), 1);
+        assert!(rejected.is_empty(), "not a manifest name: {rejected:?}");
+    }
+
+    #[test]
+    fn symlink_loops_end_and_are_reported() {
+        let s = Scratch::new("loop");
+        s.write("a/svc.yaml", SERVICE);
+        symlink("..", s.0.join("a/up")).expect("symlink");
+        symlink("../a", s.0.join("a/again")).expect("symlink");
+        let (res, rejected) = load_dir(&s.0).expect("loads");
+        assert_eq!(res.services.len(), 1, "each directory is read once");
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(rejected.iter().all(|r| r.reason.contains("already read")));
+    }
+
+    #[test]
+    fn a_fifo_is_skipped_without_blocking() {
+        let s = Scratch::new("fifo");
+        s.write("svc.yaml", SERVICE);
+        nix::unistd::mkfifo(&s.0.join("pipe.yaml"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let (res, rejected) = load_dir(&s.0).expect("loads");
+        assert_eq!(res.services.len(), 1);
+        assert_eq!(rejected.len(), 1);
+        assert!(
+            rejected[0].reason.contains("not a regular file"),
+            "{rejected:?}"
+        );
+    }
+
+    #[test]
+    fn configmap_mounts_are_read_through_their_links_once_and_follow_the_target() {
+        let s = Scratch::new("configmap");
+        s.write("..2026_12_02_1/mesh.yaml", SERVICE);
+        symlink("..2026_12_02_1", s.0.join("..data")).expect("symlink");
+        symlink("..data/mesh.yaml", s.0.join("mesh.yaml")).expect("symlink");
+        let (files, _) = list_manifests(&s.0).expect("lists");
+        assert_eq!(files.len(), 1, "{files:?}");
+        let (res, _) = load_dir(&s.0).expect("loads");
+        assert_eq!(res.services.len(), 1);
+        // Kubelet's update: a new timestamped directory, then `..data` swapped to it.
+        s.write(
+            "..2026_12_02_2/mesh.yaml",
+            &format!(
+                "{SERVICE}---\n{}",
+                SERVICE.replace("name: web", "name: api")
+            ),
+        );
+        symlink("..2026_12_02_2", s.0.join("..data_tmp")).expect("symlink");
+        std::fs::rename(s.0.join("..data_tmp"), s.0.join("..data")).expect("swap");
+        let (after, _) = list_manifests(&s.0).expect("lists");
+        assert_ne!(
+            files, after,
+            "the fingerprint follows the link to the new target"
+        );
+    }
+
+    #[test]
+    fn large_generated_files_load() {
+        let docs: Vec<String> = (0..3000)
+            .map(|i| SERVICE.replace("name: web", &format!("name: web-{i}")))
+            .collect();
+        let mut res = Resources::default();
+        let mut rejected = Vec::new();
+        parse_manifests("big.yaml", &docs.join("---\n"), &mut res, &mut rejected);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(res.services.len(), 3000);
     }
 }
