@@ -114,7 +114,7 @@ impl Mesh {
     pub async fn start_weftd(&mut self) {
         let app = weftd::app::build(weftd::app::Config {
             config_dir: self.dir.clone(),
-            xds_address: self.xds,
+            xds_address: Some(self.xds),
             secure_address: self.secure,
             monitoring_address: self.monitoring,
             mesh: weftd::translate::MeshOptions {
@@ -129,7 +129,7 @@ impl Mesh {
         .await
         .expect("weftd builds");
         (self.xds, self.secure, self.monitoring, self.xds_metrics) = (
-            app.xds_address(),
+            app.xds_address().expect("plaintext xDS is on"),
             app.secure_address(),
             app.monitoring_address(),
             app.xds_metrics(),

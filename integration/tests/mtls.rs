@@ -538,3 +538,53 @@ async fn tcp_denials_close_the_connection() {
     .await;
     mesh.shutdown().await;
 }
+
+/// Silent connections from one address hold at most a few handshake slots for a few seconds, and
+/// never the CA: a client from elsewhere is served while they sit there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_on_15012_do_not_stall_the_ca() {
+    use tokio::io::AsyncReadExt;
+    let mesh = Mesh::start(&[]).await;
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind a second loopback address");
+        silent.push(socket.connect(mesh.secure).await.expect("connect"));
+    }
+    let roots = std::fs::read_to_string(mesh.identity_dir().join("root-cert.pem")).expect("root");
+    let istiod = SpiffeId::new(TD, "istio-system", "istiod");
+    let tls = weft_certs::anonymous_client_config(&roots, PeerPolicy::Only(vec![istiod]), &["h2"])
+        .expect("tls");
+    // Well inside the silent peers' first-byte timeout, so only a handshake that did not wait for
+    // them fits.
+    let channel = tokio::time::timeout(
+        Duration::from_millis(2500),
+        weft_xds::tls::channel(&format!("https://{}", mesh.secure), Some(tls)),
+    )
+    .await
+    .expect("the handshake is not queued behind silent peers")
+    .expect("connects to 15012");
+    let refused = IstioCertificateServiceClient::new(channel)
+        .create_certificate(IstioCertificateRequest::default())
+        .await
+        .expect_err("no proof");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unauthenticated,
+        "the CA answered"
+    );
+    // Past the per-source cap, connections are closed at once; the rest when their time is up.
+    let mut closed = 0;
+    for conn in &mut silent {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(10), conn.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, silent.len(), "every silent connection is closed");
+    mesh.shutdown().await;
+}

@@ -10,7 +10,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::{net::TcpListener, task::JoinSet};
-use tracing::warn;
 
 use crate::{Ctx, state::ProxyState};
 
@@ -117,12 +116,10 @@ fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
 
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     let mut conns = JoinSet::new();
+    let mut acceptor = weft_drain::Acceptor::new(listener, "admin");
     loop {
         let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "admin accept failed"); continue }
-            },
+            a = acceptor.accept() => a,
             () = ctx.drain.signaled() => break,
         };
         while conns.try_join_next().is_some() {}

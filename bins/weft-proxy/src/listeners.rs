@@ -103,12 +103,10 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let mut acceptor = weft_drain::Acceptor::new(listener, "listener");
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "accept failed"); continue }
-            },
+            accepted = acceptor.accept() => accepted,
             () = stopped(&mut stop, &ctx) => break,
         };
         while conns.try_join_next().is_some() {}

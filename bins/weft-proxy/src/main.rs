@@ -93,6 +93,9 @@ fn main() -> ExitCode {
         }
     };
     weft_telemetry::init_tracing();
+    if let Err(e) = weft_drain::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot raise the open file limit");
+    }
     let runtime = if concurrency <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -343,7 +343,7 @@ async fn start_weftd(
 ) -> anyhow::Result<XdsView> {
     let weftd = weftd::app::build(weftd::app::Config {
         config_dir: dir.to_path_buf(),
-        xds_address: SocketAddr::new(ip, 0),
+        xds_address: Some(SocketAddr::new(ip, 0)),
         secure_address: SocketAddr::new(ip, 0),
         monitoring_address: SocketAddr::new(ip, 0),
         mesh: weftd::translate::MeshOptions {
@@ -357,7 +357,7 @@ async fn start_weftd(
     })
     .await?;
     let xds = XdsView {
-        address: weftd.xds_address(),
+        address: weftd.xds_address().expect("plaintext xDS is on"),
         secure: weftd.secure_address(),
         identity_dir: dir.join("identity"),
         monitoring: weftd.monitoring_address(),

@@ -62,6 +62,9 @@ fn main() -> ExitCode {
     let Args { command } = Args::parse();
     // The demo prints its own progress; logs show only problems unless RUST_LOG asks for more.
     weft_telemetry::init_tracing_with_default("warn");
+    if let Err(e) = weft_drain::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot raise the open file limit");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -23,9 +23,10 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut conns = JoinSet::new();
+    let mut acceptor = weft_drain::Acceptor::new(listener, "sample app");
     loop {
-        let stream = tokio::select! {
-            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+        let (stream, _) = tokio::select! {
+            a = acceptor.accept() => a,
             () = drain.signaled() => break,
         };
         while conns.try_join_next().is_some() {}

@@ -14,10 +14,9 @@ use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, info_span, warn};
 use weft_certs::{BootstrapTokens, Ca, ClientAuth, IdentityCell, PeerPolicy, SpiffeId};
-use weft_drain::DrainWatcher;
+use weft_drain::{Acceptor, DrainWatcher};
 use weft_xds::{
     XdsMetrics,
     istio_ca::istio_certificate_service_server::IstioCertificateServiceServer,
@@ -34,8 +33,9 @@ use crate::{
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub config_dir: PathBuf,
-    /// Plaintext xDS (Istio's 15010).
-    pub xds_address: SocketAddr,
+    /// Plaintext xDS (Istio's 15010), for trusted local use only: it believes what each node claims.
+    /// `None` turns it off.
+    pub xds_address: Option<SocketAddr>,
     /// The CA service and xDS over mTLS (Istio's 15012).
     pub secure_address: SocketAddr,
     pub monitoring_address: SocketAddr,
@@ -82,7 +82,7 @@ pub enum Error {
 /// weftd with its ports bound and its config loaded, ready to run.
 pub struct App {
     config: Config,
-    xds: TcpListener,
+    xds: Option<TcpListener>,
     secure: TcpListener,
     monitoring: TcpListener,
     ca: Arc<Ca>,
@@ -117,7 +117,10 @@ pub async fn build(config: Config) -> Result<App, Error> {
     if !config.config_dir.is_dir() {
         return Err(Error::NoConfigDir(config.config_dir.clone()));
     }
-    let xds = bind("xDS", config.xds_address).await?;
+    let xds = match config.xds_address {
+        Some(address) => Some(bind("xDS", address).await?),
+        None => None,
+    };
     let secure = bind("secure xDS and CA", config.secure_address).await?;
     let monitoring = bind("monitoring", config.monitoring_address).await?;
     let trust_domain = &config.mesh.trust_domain;
@@ -163,8 +166,9 @@ pub async fn build(config: Config) -> Result<App, Error> {
 }
 
 impl App {
-    pub fn xds_address(&self) -> SocketAddr {
-        self.xds.local_addr().unwrap_or(self.config.xds_address)
+    /// Where plaintext xDS listens, when it is on.
+    pub fn xds_address(&self) -> Option<SocketAddr> {
+        self.xds.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn secure_address(&self) -> SocketAddr {
@@ -214,7 +218,11 @@ impl App {
             metrics,
             loaded,
         } = self;
-        info!(xds = %xds.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), config_dir = %config.config_dir.display(), "weftd serving");
+        let xds_address = xds.as_ref().and_then(|l| l.local_addr().ok());
+        info!(xds = ?xds_address, secure = ?secure.local_addr().ok(), config_dir = %config.config_dir.display(), "weftd serving");
+        if let Some(address) = xds_address.filter(|a| !a.ip().is_loopback()) {
+            warn!(%address, "plaintext xDS listens beyond loopback: any caller that can reach it gets any workload's config by naming it in its node id; keep it for trusted local use, or turn it off with --xds-address ''");
+        }
         let mut tasks = JoinSet::new();
         let watcher = source::watch_dir(
             loaded,
@@ -254,15 +262,24 @@ impl App {
         });
         let ads = AdsServer::new(generator.subscribe(), metrics, drain.clone()).into_service();
         let shutdown = |d: DrainWatcher| async move { d.signaled().await };
-        let plaintext = tonic::transport::Server::builder()
-            .add_service(ads.clone())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(xds), shutdown(drain.clone()))
-            .instrument(info_span!("xds"));
+        let plaintext_ads = ads.clone();
+        let plaintext_drain = drain.clone();
+        let plaintext = async move {
+            let Some(xds) = xds else { return Ok(()) };
+            tonic::transport::Server::builder()
+                .add_service(plaintext_ads)
+                .serve_with_incoming_shutdown(
+                    Acceptor::new(xds, "xDS").into_stream(),
+                    shutdown(plaintext_drain),
+                )
+                .await
+        }
+        .instrument(info_span!("xds"));
         let mtls = tonic::transport::Server::builder()
             .add_service(ads)
             .add_service(ca_service)
             .serve_with_incoming_shutdown(
-                weft_xds::tls::incoming(secure, server_tls),
+                weft_xds::tls::incoming(Acceptor::new(secure, "secure xDS and CA"), server_tls),
                 shutdown(drain.clone()),
             )
             .instrument(info_span!("secure"));
@@ -301,14 +318,13 @@ async fn serve_metrics(
     drain: DrainWatcher,
 ) {
     let mut conns = JoinSet::new();
+    let mut acceptor = Acceptor::new(listener, "monitoring");
     loop {
         let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "monitoring accept failed"); continue }
-            },
+            accepted = acceptor.accept() => accepted,
             () = drain.signaled() => break,
         };
+        while conns.try_join_next().is_some() {}
         let registry = registry.clone();
         let xds = xds.clone();
         let svc = service_fn(move |req: Request<hyper::body::Incoming>| {

@@ -11,17 +11,26 @@ struct Args {
     /// VirtualServices, DestinationRules, Sidecars); changes are picked up without a restart.
     #[arg(long, env = "WEFTD_CONFIG_DIR")]
     config_dir: PathBuf,
-    /// Address for plaintext xDS (Istio's 15010).
-    #[arg(long, env = "WEFTD_XDS_ADDRESS", default_value = "0.0.0.0:15010")]
-    xds_address: SocketAddr,
+    /// Address for plaintext xDS (Istio's 15010). It trusts what each node claims, so it is for trusted
+    /// local use; an empty value turns it off, leaving the authenticated 15012.
+    #[arg(long, env = "WEFTD_XDS_ADDRESS", default_value = "0.0.0.0:15010", value_parser = optional_address)]
+    xds_address: OptionalAddress,
     /// Address for the CA service and xDS over mTLS (Istio's 15012).
     #[arg(long, env = "WEFTD_SECURE_ADDRESS", default_value = "0.0.0.0:15012")]
     secure_address: SocketAddr,
     /// The CA in Istio's `cacerts` layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem). If
-    /// the directory holds none, a self-signed root is created there and kept. Without it, the
-    /// self-signed root lives only as long as this process.
+    /// the directory holds none, a self-signed root is created there and kept, so a restart keeps the
+    /// mesh's trust. Default: `<state dir>/ca`.
     #[arg(long, env = "WEFTD_CA_DIR")]
     ca_dir: Option<PathBuf>,
+    /// Where weftd keeps what must survive a restart (the self-signed CA). Default: `$STATE_DIRECTORY`,
+    /// else `$XDG_STATE_HOME/weftd`, else `$HOME/.local/state/weftd`, else `/var/lib/weftd`.
+    #[arg(long, env = "WEFTD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Keep a self-signed CA in memory only: every restart mints a new root, and proxies holding the
+    /// old one cannot verify weftd until they are given the new bundle. For throwaway tests.
+    #[arg(long, env = "WEFTD_EPHEMERAL_CA", conflicts_with = "ca_dir")]
+    ephemeral_ca: bool,
     /// Where to write `root-cert.pem` and `<namespace>/<service-account>/istio-token` (bootstrap tokens
     /// for proxies to prove their service account to the CA).
     #[arg(long, env = "WEFTD_IDENTITY_DIR")]
@@ -47,15 +56,26 @@ fn main() -> ExitCode {
         xds_address,
         secure_address,
         ca_dir,
+        state_dir,
+        ephemeral_ca,
         identity_dir,
         trust_domain,
         monitoring_address,
         access_log_file,
     } = Args::parse();
     weft_telemetry::init_tracing();
+    match weft_drain::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
+    let ca_dir = match (ephemeral_ca, ca_dir) {
+        (true, _) => None,
+        (false, Some(dir)) => Some(dir),
+        (false, None) => Some(state_dir.unwrap_or_else(default_state_dir).join("ca")),
+    };
     let config = app::Config {
         config_dir,
-        xds_address,
+        xds_address: xds_address.0,
         secure_address,
         monitoring_address,
         mesh: MeshOptions {
@@ -97,4 +117,33 @@ async fn run(config: app::Config) -> anyhow::Result<()> {
     }
     server.await??;
     Ok(())
+}
+
+/// `--xds-address`: an address, or empty for none.
+#[derive(Clone, Debug)]
+struct OptionalAddress(Option<SocketAddr>);
+
+fn optional_address(value: &str) -> Result<OptionalAddress, String> {
+    if value.trim().is_empty() {
+        return Ok(OptionalAddress(None));
+    }
+    value
+        .parse()
+        .map(|a| OptionalAddress(Some(a)))
+        .map_err(|e| {
+            format!("{value:?} is not an address (host:port), nor empty to turn it off: {e}")
+        })
+}
+
+/// The conventional places for a service's state, most specific first.
+fn default_state_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("STATE_DIRECTORY")
+        .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("weftd")))
+        .or_else(|| env("HOME").map(|h| h.join(".local/state/weftd")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/weftd"))
 }

@@ -3,7 +3,11 @@
 //! drops its clone when its work in flight is done. [`DrainTrigger::drain`] signals and then waits for the
 //! last clone to go, so a caller bounds it with `tokio::time::timeout` for the grace period.
 
+mod accept;
+
 use std::convert::Infallible;
+
+pub use accept::{Acceptor, raise_fd_limit};
 
 use tokio::sync::{mpsc, watch};
 

@@ -3,9 +3,11 @@
 //! request's extensions); the client side is a tonic channel that dials through `weft_certs::connect`.
 
 use std::{
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -13,12 +15,13 @@ use std::{
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
+    task::JoinSet,
 };
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri, server::Connected};
 use tracing::debug;
 use weft_certs::{ClientTls, Peer, ServerStream, ServerTls, SpiffeId};
+use weft_drain::Acceptor;
 
 /// A handshake that has not finished by then is dropped, so a silent client holds nothing for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,42 +88,120 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Handshakes in progress at once; more connections wait in the listen backlog.
-const CONCURRENT_HANDSHAKES: usize = 64;
+/// Handshakes in progress at once from one source address. A client needs one at a time (a few while
+/// it reconnects); past this, its new connections are closed at once, so no source can take the
+/// handshake capacity from the others.
+pub const HANDSHAKES_PER_SOURCE: usize = 8;
+/// Handshakes in progress at once in all.
+const MAX_HANDSHAKES: usize = 1024;
+/// A TLS client speaks first: one that has sent nothing by then is closed.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Accepts on `listener` and yields connections whose handshake succeeded. Handshakes run side by
-/// side inside the stream (no task of their own), so the server that polls it owns them, and one slow
-/// client does not hold up the rest.
-pub fn incoming(
-    listener: TcpListener,
-    tls: ServerTls,
-) -> impl futures::Stream<Item = io::Result<TlsConn>> + Send {
-    use futures::StreamExt;
-    TcpListenerStream::new(listener)
-        .filter_map(|accepted| async move {
-            accepted
-                .inspect_err(|e| debug!(error = %e, "accept failed"))
-                .ok()
-        })
-        .map(move |tcp| handshake(tls.clone(), tcp))
-        .buffer_unordered(CONCURRENT_HANDSHAKES)
-        .filter_map(|conn| async move { conn.map(Ok) })
+/// Counts handshakes in progress per source address; a slot is freed when its guard drops.
+#[derive(Clone, Default)]
+struct SourceSlots(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+struct Slot {
+    slots: SourceSlots,
+    ip: IpAddr,
 }
 
-async fn handshake(tls: ServerTls, tcp: TcpStream) -> Option<TlsConn> {
-    let remote = tcp.peer_addr().ok();
+impl SourceSlots {
+    fn acquire(&self, ip: IpAddr) -> Option<Slot> {
+        let mut map = self.0.lock().ok()?;
+        let n = map.entry(ip).or_default();
+        if *n >= HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.slots.0.lock()
+            && let Some(n) = map.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts on `acceptor` and yields connections whose handshake succeeded. Each handshake runs in a
+/// task of its own, owned by the returned stream (dropping it aborts them), so one slow or silent peer
+/// never holds up another; a peer that sends nothing within a few seconds is closed, and each source
+/// address has a bounded number of handshakes in progress.
+pub fn incoming(
+    acceptor: Acceptor,
+    tls: ServerTls,
+) -> impl futures::Stream<Item = io::Result<TlsConn>> + Send {
+    struct State {
+        acceptor: Acceptor,
+        tls: ServerTls,
+        handshakes: JoinSet<Option<TlsConn>>,
+        slots: SourceSlots,
+    }
+    let state = State {
+        acceptor,
+        tls,
+        handshakes: JoinSet::new(),
+        slots: SourceSlots::default(),
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        loop {
+            tokio::select! {
+                (tcp, remote) = s.acceptor.accept(), if s.handshakes.len() < MAX_HANDSHAKES => {
+                    let Some(slot) = s.slots.acquire(remote.ip()) else {
+                        debug!(%remote, "too many TLS handshakes in progress from this address; closing");
+                        continue;
+                    };
+                    let tls = s.tls.clone();
+                    s.handshakes.spawn(async move {
+                        let conn = handshake(tls, tcp, remote).await;
+                        drop(slot);
+                        conn
+                    });
+                }
+                Some(done) = s.handshakes.join_next() => {
+                    if let Ok(Some(conn)) = done {
+                        return Some((Ok(conn), s));
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn handshake(tls: ServerTls, tcp: TcpStream, remote: SocketAddr) -> Option<TlsConn> {
     let _ = tcp.set_nodelay(true);
+    if tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.readable())
+        .await
+        .is_err()
+    {
+        debug!(%remote, "no ClientHello in time; closing");
+        return None;
+    }
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, weft_certs::accept(&tls, tcp)).await {
         Ok(Ok((stream, peer))) => Some(TlsConn {
             stream,
-            info: TlsConnectInfo { remote, peer },
+            info: TlsConnectInfo {
+                remote: Some(remote),
+                peer,
+            },
         }),
         Ok(Err(e)) => {
-            debug!(?remote, error = %e, "TLS handshake failed");
+            debug!(%remote, error = %e, "TLS handshake failed");
             None
         }
         Err(_) => {
-            debug!(?remote, "TLS handshake timed out");
+            debug!(%remote, "TLS handshake timed out");
             None
         }
     }
