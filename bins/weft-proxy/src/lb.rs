@@ -88,6 +88,7 @@ mod tests {
             tls_matches: vec![],
             lb,
             connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: crate::model::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             http2: false,
             original_dst: false,
             source_address: None,

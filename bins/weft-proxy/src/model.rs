@@ -1224,6 +1224,9 @@ pub struct ClusterConfig {
     pub tls_matches: Vec<TlsMatch>,
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
+    /// How long a pooled upstream connection may sit idle before it is closed
+    /// (`common_http_protocol_options.idle_timeout`).
+    pub idle_timeout: Duration,
     pub http2: bool,
     /// Each connection goes where it was originally headed (Istio's PassthroughCluster).
     pub original_dst: bool,
@@ -1329,13 +1332,28 @@ impl TryFrom<&Cluster> for ClusterConfig {
             }
         };
         let mut http2 = false;
+        let mut idle_timeout = DEFAULT_UPSTREAM_IDLE_TIMEOUT;
         for (ext, any) in &c.typed_extension_protocol_options {
-            let opts: HttpProtocolOptions = unpack(
-                any,
-                K,
-                name,
-                &format!("typed_extension_protocol_options[{ext}]"),
-            )?;
+            let field = format!("typed_extension_protocol_options[{ext}]");
+            let opts: HttpProtocolOptions = unpack(any, K, name, &field)?;
+            if let Some(common) = &opts.common_http_protocol_options {
+                let only_idle = weft_xds::pb::envoy::config::core::v3::HttpProtocolOptions {
+                    idle_timeout: common.idle_timeout,
+                    ..Default::default()
+                };
+                if *common != only_idle {
+                    return Err(unsupported(
+                        K,
+                        name,
+                        &format!(
+                            "{field}.common_http_protocol_options: only idle_timeout is supported"
+                        ),
+                    ));
+                }
+                if let Some(t) = &common.idle_timeout {
+                    idle_timeout = to_duration(t);
+                }
+            }
             match opts.upstream_protocol_options {
                 Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
                     http2 = matches!(e.protocol_config, Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)));
@@ -1455,6 +1473,7 @@ impl TryFrom<&Cluster> for ClusterConfig {
                 .connect_timeout
                 .as_ref()
                 .map_or(Duration::from_secs(5), to_duration),
+            idle_timeout,
             http2,
             original_dst: c.cluster_discovery_type == original_dst_type(),
             source_address,
@@ -1463,6 +1482,10 @@ impl TryFrom<&Cluster> for ClusterConfig {
         })
     }
 }
+
+/// Envoy keeps idle upstream connections for an hour; a sidecar's pool is cheaper to refill than to
+/// keep, so unused connections go after a minute.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn original_dst_type() -> Option<cluster::ClusterDiscoveryType> {
     Some(cluster::ClusterDiscoveryType::Type(

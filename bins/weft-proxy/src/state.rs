@@ -11,7 +11,7 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Bytes;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioTimer},
 };
 use tokio::sync::watch;
 use weft_xds::{
@@ -92,6 +92,9 @@ fn upstream_tls(config: &ClusterConfig) -> Option<&model::UpstreamTls> {
         .or(config.tls.as_ref())
 }
 
+/// Idle connections kept per endpoint after a burst; more are closed as they come back to the pool.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
 fn client_for(config: &ClusterConfig, tls: &TlsConfigs) -> Result<HttpClient, String> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(config.connect_timeout));
@@ -111,9 +114,12 @@ fn client_for(config: &ClusterConfig, tls: &TlsConfigs) -> Result<HttpClient, St
             u.sni.clone(),
         )),
     };
+    // The idle timeout only runs with a timer: without one, idle connections stay open for good.
     Ok(Client::builder(TokioExecutor::new())
         .http2_only(config.http2)
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.idle_timeout)
+        .pool_max_idle_per_host(MAX_IDLE_PER_ENDPOINT)
         .build(MeshConnector { http, tls }))
 }
 
@@ -323,5 +329,93 @@ pub(crate) struct XdsHandlerTestAccess;
 impl XdsHandlerTestAccess {
     pub(crate) fn client(config: &ClusterConfig) -> HttpClient {
         client_for(config, &TlsConfigs::default()).expect("a plaintext cluster")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::Ordering,
+        time::{Duration, Instant},
+    };
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+
+    /// An HTTP/1.1 server that counts the connections it has open.
+    async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(AtomicUsize::new(0));
+        let counter = open.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let open = counter.clone();
+                open.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, open)
+    }
+
+    #[tokio::test]
+    async fn idle_upstream_connections_close_after_the_idle_timeout() {
+        let (addr, open) = counting_backend().await;
+        let config = ClusterConfig {
+            name: "c".into(),
+            tls: None,
+            tls_matches: vec![],
+            lb: model::LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_millis(200),
+            http2: false,
+            original_dst: false,
+            source_address: None,
+            static_endpoints: None,
+            services: vec![],
+        };
+        let client = XdsHandlerTestAccess::client(&config);
+        // A burst opens a connection per concurrent request.
+        let burst = (0..10).map(|_| {
+            let client = client.clone();
+            async move {
+                let req = hyper::Request::get(format!("http://{addr}/"))
+                    .body(Empty::new().map_err(|never| match never {}).boxed())
+                    .expect("request");
+                let resp = client.request(req).await.expect("response");
+                resp.into_body().collect().await.expect("body");
+            }
+        });
+        futures::future::join_all(burst).await;
+        assert!(
+            open.load(Ordering::SeqCst) > 1,
+            "the burst used several connections"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} idle connections still open",
+                open.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(client);
     }
 }
