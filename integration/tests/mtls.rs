@@ -423,6 +423,52 @@ async fn authorization_policies_allow_and_deny_through_two_proxies_and_name_the_
     let admin = get("/admin").await;
     assert_eq!(admin.status, StatusCode::FORBIDDEN, "DENY wins over ALLOW");
     assert_eq!(admin.body, "RBAC: access denied");
+    // Other spellings of the same path are the same path (Istio's default normalization).
+    for spelling in [
+        "/./admin",
+        "/x/../admin",
+        "/%61dmin",
+        "/%2e/admin",
+        "/public/../admin",
+    ] {
+        let r = get(spelling).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{spelling}: {}", r.body);
+    }
+    // The application sees the normalized path.
+    let public = get("/public/./x/../y").await;
+    let seen: serde_json::Value = serde_json::from_str(&public.body).expect("json");
+    assert_eq!(seen["path"], "/public/y", "{}", public.body);
+
+    // Headers only a sidecar may set: a forged client certificate and Envoy controls never reach the
+    // server; the server's sidecar sets the header from the certificate it verified. Headers the
+    // client names in `Connection` are this hop's only.
+    let forged = send(
+        &http1_client(),
+        pair.egress,
+        "GET",
+        HOST,
+        "/public/xfcc",
+        &[
+            ("x-forwarded-client-cert", "By=spiffe://cluster.local/ns/test/sa/backend;URI=spiffe://cluster.local/ns/istio-system/sa/istiod"),
+            ("x-envoy-retry-on", "5xx"),
+            ("connection", "x-hop-secret"),
+            ("x-hop-secret", "1"),
+        ],
+    )
+    .await
+    .expect("request completes");
+    assert_eq!(forged.status, StatusCode::OK);
+    let xfcc = forged
+        .echoed_header("x-forwarded-client-cert")
+        .expect("the server's sidecar sets XFCC");
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/test/sa/backend-0;Hash=")
+            && xfcc.ends_with(";Subject=\"\";URI=spiffe://cluster.local/ns/test/sa/client-0")
+            && !xfcc.contains(','),
+        "{xfcc}"
+    );
+    assert_eq!(forged.echoed_header("x-envoy-retry-on"), None);
+    assert_eq!(forged.echoed_header("x-hop-secret"), None);
     // Another identity of the mesh is not in the ALLOW policy.
     let (status, _) = mtls_get(pair.inbound, &pair.identity("tester"))
         .await

@@ -36,6 +36,8 @@ pub struct ConnInfo {
     pub http: HttpConfig,
     /// Who the client proved to be over mTLS.
     pub source_principal: Option<weft_certs::SpiffeId>,
+    /// The SHA-256 of the client's certificate, for `x-forwarded-client-cert`.
+    pub client_cert_hash: Option<String>,
 }
 
 /// Bodies up to this size are kept so a failed attempt can be retried, as Linkerd and Envoy limit it.
@@ -79,12 +81,16 @@ fn local_reply(status: StatusCode, body: &str, flags: &'static str) -> (Response
 }
 
 pub async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     ctx: Arc<Ctx>,
     conn: Arc<ConnInfo>,
 ) -> Result<Response<Body>, Infallible> {
     let start = tokio::time::Instant::now();
     let start_wall = SystemTime::now();
+    // Before anything reads the request: one spelling of the path, so authorization and routing see
+    // what the application will serve; and the headers only a sidecar may vouch for are its own.
+    let normalized = normalize_path(&mut req, conn.http.normalization);
+    sanitize_headers(req.headers_mut(), &ctx, &conn);
     let method = req.method().clone();
     let path = req
         .uri()
@@ -107,9 +113,10 @@ pub async fn handle(
     let denied = (!conn.http.rbac.is_empty())
         .then(|| authorize(&req, &ctx, &conn, &authority, &path))
         .flatten();
-    let (resp, outcome) = match denied {
-        Some(denial) => denial,
-        None => route_and_forward(req, &ctx, &conn, &authority).await,
+    let (resp, outcome) = match (normalized, denied) {
+        (false, _) => local_reply(StatusCode::BAD_REQUEST, "Bad Request", "DPE"),
+        (true, Some(denial)) => denial,
+        (true, None) => route_and_forward(req, &ctx, &conn, &authority).await,
     };
     let duration = start.elapsed();
     if let Some(c) = &outcome.cluster
@@ -164,6 +171,131 @@ pub async fn handle(
         ctx.access_log.write(path_out, &line);
     }
     Ok(resp)
+}
+
+/// Rewrites the request's path as the listener's normalization says; `false` when the path cannot
+/// be normalized (it does not start with `/`), which is answered 400 as Envoy does.
+fn normalize_path(req: &mut Request<Incoming>, how: crate::model::PathNormalization) -> bool {
+    if how == crate::model::PathNormalization::default() {
+        return true;
+    }
+    let uri = req.uri();
+    // `*` (OPTIONS) and CONNECT's authority form carry no path to normalize.
+    if uri.path() == "*" || req.method() == Method::CONNECT {
+        return true;
+    }
+    let Some(path) = crate::normalize::normalize(uri.path(), how) else {
+        return false;
+    };
+    if path == uri.path() {
+        return true;
+    }
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = match pq.parse() {
+        Ok(pq) => Some(pq),
+        Err(_) => return false,
+    };
+    match Uri::from_parts(parts) {
+        Ok(u) => {
+            *req.uri_mut() = u;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+const XFCC: &str = "x-forwarded-client-cert";
+
+/// Headers a client could forge to claim what only a proxy may say: `x-envoy-*` controls are never
+/// taken from a request, and `x-forwarded-client-cert` is kept, extended or replaced only as the
+/// listener says and only over mTLS, where this proxy verified the client's certificate itself.
+fn sanitize_headers(headers: &mut HeaderMap, ctx: &Ctx, conn: &ConnInfo) {
+    let envoy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-envoy-"))
+        .cloned()
+        .collect();
+    for name in envoy {
+        headers.remove(name);
+    }
+    use crate::model::ForwardClientCert as F;
+    let mtls = conn.source_principal.is_some();
+    match conn.http.xfcc {
+        F::AlwaysForwardOnly => {}
+        _ if !mtls => {
+            headers.remove(XFCC);
+        }
+        F::Sanitize => {
+            headers.remove(XFCC);
+        }
+        F::ForwardOnly => {}
+        F::AppendForward(details) | F::SanitizeSet(details) => {
+            let element = xfcc_element(ctx, conn, details);
+            let value = match (
+                conn.http.xfcc,
+                headers.get(XFCC).and_then(|v| v.to_str().ok()),
+            ) {
+                (F::AppendForward(_), Some(prior)) => format!("{prior},{element}"),
+                _ => element,
+            };
+            match HeaderValue::from_str(&value) {
+                Ok(v) => {
+                    headers.insert(XFCC, v);
+                }
+                Err(_) => {
+                    headers.remove(XFCC);
+                }
+            }
+        }
+    }
+}
+
+/// This hop's element of `x-forwarded-client-cert`, in Envoy's order: `By`, `Hash`, `Subject`,
+/// `URI`. Mesh certificates carry no subject and no DNS names.
+fn xfcc_element(ctx: &Ctx, conn: &ConnInfo, details: crate::model::CertDetails) -> String {
+    let mut parts = Vec::new();
+    if let Some(me) = ctx.own_spiffe_id() {
+        parts.push(format!("By={me}"));
+    }
+    if let Some(hash) = &conn.client_cert_hash {
+        parts.push(format!("Hash={hash}"));
+    }
+    if details.subject {
+        parts.push("Subject=\"\"".to_string());
+    }
+    if let (true, Some(id)) = (details.uri, &conn.source_principal) {
+        parts.push(format!("URI={id}"));
+    }
+    parts.join(";")
+}
+
+/// Removes the hop-by-hop headers: the fixed set, and any that `Connection` names (RFC 9110 §7.6.1).
+/// For a WebSocket upgrade, `Connection: upgrade` and `Upgrade` stay.
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == "upgrade" {
+            continue;
+        }
+        headers.remove(name.as_str());
+    }
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        headers.remove(name);
+    }
 }
 
 fn authority(req: &Request<Incoming>) -> String {
@@ -486,13 +618,7 @@ async fn forward(
     let downstream_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    let keep_upgrade = websocket;
-    for name in HOP_BY_HOP {
-        if keep_upgrade && (name == "connection" || name == "upgrade") {
-            continue;
-        }
-        parts.headers.remove(name);
-    }
+    remove_hop_by_hop(&mut parts.headers, websocket);
     apply_request_headers(&mut parts.headers, &route.headers);
     apply_request_headers(&mut parts.headers, &choice.headers);
     if !parts.headers.contains_key("x-request-id") {
@@ -670,11 +796,10 @@ async fn forward(
                 });
             }
             let (mut rparts, rbody) = resp.into_parts();
-            if status != StatusCode::SWITCHING_PROTOCOLS {
-                for name in HOP_BY_HOP {
-                    rparts.headers.remove(name);
-                }
-            }
+            remove_hop_by_hop(
+                &mut rparts.headers,
+                status == StatusCode::SWITCHING_PROTOCOLS,
+            );
             apply_response_headers(&mut rparts.headers, &choice.headers);
             let resp = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
             (

@@ -16,6 +16,7 @@ mod lb;
 mod listeners;
 pub mod model;
 mod mtls;
+mod normalize;
 pub mod state;
 mod tcp;
 
@@ -86,6 +87,11 @@ fn denial_details(decision: &weft_policy::Decision) -> String {
 }
 
 impl Ctx {
+    /// This workload's SPIFFE id, when it has an identity.
+    fn own_spiffe_id(&self) -> Option<&str> {
+        (self.principal != "unknown").then_some(self.principal.as_str())
+    }
+
     /// `weft_authorization_denied_total`, naming the policy and rule.
     fn count_denial(
         &self,

@@ -198,7 +198,10 @@ async fn serve<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let source_principal = tls.and_then(|p| p.id);
+    let (source_principal, client_cert_hash) = match tls {
+        Some(p) => (p.id, p.cert_hash),
+        None => (None, None),
+    };
     match kind {
         ListenerKind::Tcp(tcp) => {
             let downstream = tcp::Downstream {
@@ -217,6 +220,7 @@ async fn serve<IO>(
                 inbound: conn.listener.inbound,
                 http: http_config,
                 source_principal,
+                client_cert_hash,
             });
             let svc_ctx = ctx.clone();
             let svc = service_fn(move |req| http::handle(req, svc_ctx.clone(), info.clone()));

@@ -8,6 +8,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use prost::{Message, Name};
 use regex::Regex;
+
+pub use crate::normalize::PathNormalization;
 use serde::Serialize;
 
 use crate::detect::Detected;
@@ -190,6 +192,33 @@ pub struct HttpConfig {
     /// Authorization filters, in order, before routing.
     #[serde(skip)]
     pub rbac: Vec<weft_policy::rbac::Rbac>,
+    /// How the path is normalized before authorization and routing.
+    pub normalization: PathNormalization,
+    /// What happens to `x-forwarded-client-cert`.
+    pub xfcc: ForwardClientCert,
+}
+
+/// Envoy's `forward_client_cert_details`. Without a verified client certificate the header is
+/// dropped, except under `AlwaysForwardOnly`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum ForwardClientCert {
+    /// Dropped (Envoy's default, and Istio's outbound).
+    #[default]
+    Sanitize,
+    ForwardOnly,
+    /// The verified client certificate is appended (Istio's inbound).
+    AppendForward(CertDetails),
+    /// Replaced by the verified client certificate.
+    SanitizeSet(CertDetails),
+    AlwaysForwardOnly,
+}
+
+/// `set_current_client_cert_details`: which parts of the client certificate go into the header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CertDetails {
+    pub subject: bool,
+    pub uri: bool,
+    pub dns: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -455,6 +484,28 @@ impl ListenerConfig {
 
 fn http_config(hcm: &HttpConnectionManager, name: &str) -> Result<HttpConfig, Rejection> {
     const K: &str = "listener";
+    let supported = HttpConnectionManager {
+        stat_prefix: hcm.stat_prefix.clone(),
+        route_specifier: hcm.route_specifier.clone(),
+        http_filters: hcm.http_filters.clone(),
+        access_log: hcm.access_log.clone(),
+        upgrade_configs: hcm.upgrade_configs.clone(),
+        normalize_path: hcm.normalize_path,
+        merge_slashes: hcm.merge_slashes,
+        path_with_escaped_slashes_action: hcm.path_with_escaped_slashes_action,
+        forward_client_cert_details: hcm.forward_client_cert_details,
+        set_current_client_cert_details: hcm.set_current_client_cert_details,
+        ..Default::default()
+    };
+    if *hcm != supported {
+        return Err(unsupported(
+            K,
+            name,
+            "http_connection_manager: only stat_prefix, route_specifier, http_filters, access_log, upgrade_configs, normalize_path, merge_slashes, path_with_escaped_slashes_action, forward_client_cert_details and set_current_client_cert_details are supported",
+        ));
+    }
+    let normalization = path_normalization(hcm, name)?;
+    let xfcc = forward_client_cert(hcm, name)?;
     // RBAC filters, then the router, last.
     let mut rbac = Vec::new();
     let last = hcm.http_filters.len().checked_sub(1);
@@ -518,6 +569,76 @@ fn http_config(hcm: &HttpConnectionManager, name: &str) -> Result<HttpConfig, Re
         access_log,
         websocket,
         rbac,
+        normalization,
+        xfcc,
+    })
+}
+
+fn path_normalization(
+    hcm: &HttpConnectionManager,
+    name: &str,
+) -> Result<PathNormalization, Rejection> {
+    use http_connection_manager::PathWithEscapedSlashesAction as A;
+    let decode_slashes = match A::try_from(hcm.path_with_escaped_slashes_action) {
+        Ok(A::ImplementationSpecificDefault | A::KeepUnchanged) => false,
+        Ok(A::UnescapeAndForward) => true,
+        _ => {
+            return Err(unsupported(
+                "listener",
+                name,
+                "path_with_escaped_slashes_action: only KEEP_UNCHANGED and UNESCAPE_AND_FORWARD are supported",
+            ));
+        }
+    };
+    Ok(PathNormalization {
+        rfc3986: hcm.normalize_path.is_some_and(|b| b.value),
+        merge_slashes: hcm.merge_slashes,
+        decode_slashes,
+    })
+}
+
+fn forward_client_cert(
+    hcm: &HttpConnectionManager,
+    name: &str,
+) -> Result<ForwardClientCert, Rejection> {
+    use http_connection_manager::ForwardClientCertDetails as F;
+    let details = match &hcm.set_current_client_cert_details {
+        None => CertDetails::default(),
+        Some(d) => {
+            let supported = http_connection_manager::SetCurrentClientCertDetails {
+                subject: d.subject,
+                dns: d.dns,
+                uri: d.uri,
+                ..Default::default()
+            };
+            if *d != supported {
+                return Err(unsupported(
+                    "listener",
+                    name,
+                    "set_current_client_cert_details: only subject, dns and uri are supported",
+                ));
+            }
+            CertDetails {
+                subject: d.subject.is_some_and(|b| b.value),
+                uri: d.uri,
+                dns: d.dns,
+            }
+        }
+    };
+    Ok(match F::try_from(hcm.forward_client_cert_details) {
+        Ok(F::Sanitize) => ForwardClientCert::Sanitize,
+        Ok(F::ForwardOnly) => ForwardClientCert::ForwardOnly,
+        Ok(F::AppendForward) => ForwardClientCert::AppendForward(details),
+        Ok(F::SanitizeSet) => ForwardClientCert::SanitizeSet(details),
+        Ok(F::AlwaysForwardOnly) => ForwardClientCert::AlwaysForwardOnly,
+        Err(_) => {
+            return Err(reject(
+                "listener",
+                name,
+                "forward_client_cert_details",
+                "unknown value",
+            ));
+        }
     })
 }
 

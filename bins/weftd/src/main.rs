@@ -1,7 +1,10 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use weftd::{app, translate::MeshOptions};
+use weftd::{
+    app,
+    translate::{MeshOptions, PathNormalization},
+};
 
 /// Weft's control plane: serves Envoy xDS built from Kubernetes and Istio manifests.
 #[derive(Debug, Parser)]
@@ -48,6 +51,11 @@ struct Args {
     /// Mesh-wide access log path for every proxy (`meshConfig.accessLogFile`); empty turns logs off.
     #[arg(long, env = "WEFTD_ACCESS_LOG_FILE", default_value = "")]
     access_log_file: String,
+    /// How proxies normalize request paths before authorization and routing
+    /// (`meshConfig.pathNormalization`): NONE, DEFAULT (= BASE), BASE, MERGE_SLASHES or
+    /// DECODE_AND_MERGE_SLASHES.
+    #[arg(long, env = "WEFTD_PATH_NORMALIZATION", default_value = "DEFAULT")]
+    path_normalization: PathNormalization,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +70,7 @@ fn main() -> ExitCode {
         trust_domain,
         monitoring_address,
         access_log_file,
+        path_normalization,
     } = Args::parse();
     weft_telemetry::init_tracing();
     match weft_drain::raise_fd_limit() {
@@ -81,6 +90,7 @@ fn main() -> ExitCode {
         mesh: MeshOptions {
             access_log_file,
             trust_domain,
+            path_normalization,
         },
         poll_interval: Duration::from_millis(500),
         ca_dir,

@@ -85,6 +85,8 @@ pub struct MeshOptions {
     pub access_log_file: String,
     /// `trustDomain`: the first part of every SPIFFE id the mesh issues and checks.
     pub trust_domain: String,
+    /// `pathNormalization.normalization`.
+    pub path_normalization: PathNormalization,
 }
 
 impl Default for MeshOptions {
@@ -92,6 +94,38 @@ impl Default for MeshOptions {
         Self {
             access_log_file: String::new(),
             trust_domain: "cluster.local".into(),
+            path_normalization: PathNormalization::Base,
+        }
+    }
+}
+
+/// Istio's `meshConfig.pathNormalization.normalization`: how request paths are normalized before
+/// authorization and routing. `DEFAULT` is `BASE`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathNormalization {
+    /// Paths as the client sent them; a policy on `/admin` can be bypassed by `/./admin`.
+    None,
+    /// RFC 3986: dot segments removed, unreserved percent-escapes decoded.
+    #[default]
+    Base,
+    /// `BASE`, and `//` merged into `/`.
+    MergeSlashes,
+    /// `MERGE_SLASHES`, after decoding `%2F` and `%5C`.
+    DecodeAndMergeSlashes,
+}
+
+impl std::str::FromStr for PathNormalization {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "NONE" => Ok(Self::None),
+            "DEFAULT" | "BASE" => Ok(Self::Base),
+            "MERGE_SLASHES" => Ok(Self::MergeSlashes),
+            "DECODE_AND_MERGE_SLASHES" => Ok(Self::DecodeAndMergeSlashes),
+            other => Err(format!(
+                "unknown path normalization {other:?} (NONE, DEFAULT, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES)"
+            )),
         }
     }
 }
@@ -595,6 +629,7 @@ fn rds_filter(stat_prefix: &str, port: u16, mesh: &MeshOptions) -> Filter {
         http_connection_manager::RouteSpecifier::Rds(rds),
         mesh,
         Vec::new(),
+        false,
     )
 }
 
@@ -643,6 +678,7 @@ fn inbound_filters(
         http_connection_manager::RouteSpecifier::RouteConfig(route),
         mesh,
         rbac::http_filters(&weft_policy::rbac::compile(policies, false)),
+        true,
     )]
 }
 
@@ -675,15 +711,51 @@ fn router_filter() -> HttpFilter {
     }
 }
 
-/// `filters` run before the router (authorization, on inbound chains).
+/// `filters` run before the router (authorization, on inbound chains). Paths are normalized as the
+/// mesh says before any filter sees them. Inbound, the client certificate the sidecar verified is
+/// appended to `x-forwarded-client-cert`, as Istio configures it; outbound, Envoy's default
+/// (`SANITIZE`) drops whatever the application sent.
 fn hcm_filter(
     stat_prefix: &str,
     routes: http_connection_manager::RouteSpecifier,
     mesh: &MeshOptions,
     mut filters: Vec<HttpFilter>,
+    inbound: bool,
 ) -> Filter {
     let access_log = access_logs(mesh);
+    let (forward_client_cert_details, set_current_client_cert_details) = if inbound {
+        (
+            http_connection_manager::ForwardClientCertDetails::AppendForward,
+            Some(http_connection_manager::SetCurrentClientCertDetails {
+                subject: Some(wkt::BoolValue { value: true }),
+                dns: true,
+                uri: true,
+                ..Default::default()
+            }),
+        )
+    } else {
+        (
+            http_connection_manager::ForwardClientCertDetails::Sanitize,
+            None,
+        )
+    };
+    let normalization = mesh.path_normalization;
     let hcm = HttpConnectionManager {
+        normalize_path: (normalization != PathNormalization::None)
+            .then_some(wkt::BoolValue { value: true }),
+        merge_slashes: matches!(
+            normalization,
+            PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes
+        ),
+        path_with_escaped_slashes_action: if normalization
+            == PathNormalization::DecodeAndMergeSlashes
+        {
+            http_connection_manager::PathWithEscapedSlashesAction::UnescapeAndForward as i32
+        } else {
+            0
+        },
+        forward_client_cert_details: forward_client_cert_details as i32,
+        set_current_client_cert_details,
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
         http_filters: {

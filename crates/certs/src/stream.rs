@@ -19,6 +19,9 @@ pub struct Peer {
     pub serial: Option<String>,
     /// The negotiated application protocol.
     pub alpn: Option<String>,
+    /// SHA-256 of the peer's certificate (DER), in lowercase hex: the `Hash` of Envoy's
+    /// `x-forwarded-client-cert`.
+    pub cert_hash: Option<String>,
 }
 
 fn peer(conn: &rustls::CommonState) -> Peer {
@@ -33,6 +36,13 @@ fn peer(conn: &rustls::CommonState) -> Peer {
         alpn: conn
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned()),
+        cert_hash: leaf.map(|c| {
+            ring::digest::digest(&ring::digest::SHA256, c.as_ref())
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        }),
     }
 }
 
