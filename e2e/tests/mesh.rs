@@ -279,6 +279,11 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
         assert_eq!((status, body.as_str()), (200, "v1 /hello"));
         let (_, body) = http_get(&vip, HOST, "/hello", &[("x-canary", "yes")]).await?;
         assert_eq!(body, "v2 /hello");
+        // Called by its ClusterIP, a client sends that as its Host; the service answers to it too.
+        for host in [VIP, vip.as_str()] {
+            let (status, body) = http_get(&vip, host, "/by-ip", &[]).await?;
+            assert_eq!((status, body.as_str()), (200, "v1 /by-ip"), "Host: {host}");
+        }
         // A weighted split.
         let mut v2 = 0;
         for _ in 0..40 {

@@ -878,9 +878,20 @@ fn destination_cluster(model: &Model, dest: &Destination, ns: &str, listener_por
 }
 
 /// The names a service answers to on one port: its FQDN and, for Kubernetes services, the shorter forms
-/// a client in the proxy's namespace (or any namespace) can use, each with and without the port.
+/// a client in the proxy's namespace (or any namespace) can use, and its virtual addresses (a client
+/// calling `http://<ClusterIP>/` sends that as its Host), each with and without the port, as istiod
+/// lists them.
 fn domains(svc: &Service, port: u16, proxy_namespace: &str) -> Vec<String> {
     let mut names = vec![svc.hostname.clone()];
+    names.extend(
+        svc.addresses
+            .iter()
+            .filter(|a| a.parse::<IpAddr>().is_ok())
+            .map(|a| match a.parse::<IpAddr>() {
+                Ok(IpAddr::V6(_)) => format!("[{a}]"),
+                _ => a.clone(),
+            }),
+    );
     if let Some(stem) = svc
         .hostname
         .strip_suffix(&format!(".svc.{}", crate::registry::DNS_DOMAIN))
