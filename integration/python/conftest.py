@@ -89,7 +89,9 @@ def start_weftd(procs: Processes, config_dir: Path) -> int:
     procs.start(
         "weftd",
         [str(BIN_DIR / "weftd"), "--config-dir", str(config_dir), "--xds-address", f"127.0.0.1:{port}",
-         "--monitoring-address", f"127.0.0.1:{free_port()}"],
+         "--monitoring-address", f"127.0.0.1:{free_port()}",
+         "--secure-address", f"127.0.0.1:{free_port()}",
+         "--state-dir", str(config_dir.parent / "weftd-state")],
     )
     wait_for_port("127.0.0.1", port)
     return port

@@ -46,6 +46,68 @@ def manifests(ports):
     return "\n---\n".join(json.dumps(d) for d in docs)
 
 
+def bootstrap(workdir, xds_port):
+    """A bootstrap as Istio's agent writes one for a proxyless gRPC client."""
+    path = workdir / "bootstrap.json"
+    path.write_text(json.dumps({
+        "xds_servers": [{"server_uri": f"127.0.0.1:{xds_port}", "channel_creds": [{"type": "insecure"}],
+                         "server_features": ["xds_v3"]}],
+        "node": {"id": "sidecar~127.0.0.1~pyclient-0.test~test.svc.cluster.local",
+                 "metadata": {"GENERATOR": "grpc", "NAMESPACE": "test"}},
+    }))
+    return path
+
+
+def answers_from(target, calls=30):
+    """Who answered each call, after every endpoint gRPC will use has had time to connect."""
+    with grpc.insecure_channel(target) as channel:
+        who = channel.unary_unary(METHOD)
+        for _ in range(20):
+            who(b"", timeout=10, wait_for_ready=True)
+        return [who(b"", timeout=10).decode() for _ in range(calls)]
+
+
+def test_serviceentry_and_not_ready_endpoints(workdir, procs):
+    """No DestinationRule, so weftd's default balancing; a ServiceEntry selecting WorkloadEntries; and a
+    Service whose slice lists a not-ready endpoint that must never be called."""
+    ports = [free_port() for _ in range(4)]
+    servers = [serve(f"server-{i}", p) for i, p in enumerate(ports)]
+    try:
+        config = workdir / "config"
+        config.mkdir()
+        docs = [
+            {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+             "metadata": {"name": "ext", "namespace": "test"},
+             "spec": {"hosts": ["ext.example.internal"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                      "ports": [{"number": 7070, "name": "grpc", "protocol": "GRPC"}],
+                      "workloadSelector": {"labels": {"app": "ext"}}}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "test"},
+             "spec": {"ports": [{"name": "grpc-echo", "port": 9090}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "echo-0", "namespace": "test", "labels": {"kubernetes.io/service-name": "echo"}},
+             "addressType": "IPv4", "ports": [{"name": "grpc-echo", "port": ports[2]}],
+             "endpoints": [{"addresses": ["127.0.0.1"]}]},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "echo-1", "namespace": "test", "labels": {"kubernetes.io/service-name": "echo"}},
+             "addressType": "IPv4", "ports": [{"name": "grpc-echo", "port": ports[3]}],
+             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": False}}]},
+        ]
+        for i in range(2):
+            docs.append({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                         "metadata": {"name": f"ext-{i}", "namespace": "test"},
+                         "spec": {"address": "127.0.0.1", "labels": {"app": "ext"}, "ports": {"grpc": ports[i]}}})
+        (config / "mesh.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+        xds_port = start_weftd(procs, config)
+        os.environ["GRPC_XDS_BOOTSTRAP"] = str(bootstrap(workdir, xds_port))
+        ext = answers_from("xds:///ext.example.internal:7070")
+        assert set(ext) == {"server-0", "server-1"}, ext
+        echo = answers_from("xds:///echo.test.svc.cluster.local:9090", calls=10)
+        assert set(echo) == {"server-2"}, f"the not-ready endpoint was called: {echo}"
+    finally:
+        for s in servers:
+            s.stop(None)
+
+
 def test_proxyless_grpc_client_balances_over_all_endpoints(workdir, procs):
     ports = [free_port() for _ in range(3)]
     servers = [serve(f"server-{i}", p) for i, p in enumerate(ports)]

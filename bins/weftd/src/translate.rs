@@ -213,11 +213,15 @@ pub fn generate(model: &Model, proxy: &Proxy) -> Snapshot {
             let base_policy = dr.and_then(|d| d.traffic_policy.as_ref());
             // Proxyless gRPC clients take mTLS only through certificate providers in their own
             // bootstrap, which Weft does not configure; they get plaintext clusters.
+            // They also validate lb_policy and take only what gRPC implements; Istio's gRPC
+            // generator gives them round robin, whatever the DestinationRule says.
             let secure = |cluster: &mut Cluster,
                           subset: &str,
                           labels: &BTreeMap<String, String>,
                           policy: Option<&TrafficPolicy>| {
-                if !proxy.proxyless_grpc {
+                if proxy.proxyless_grpc {
+                    cluster.lb_policy = cluster::LbPolicy::RoundRobin as i32;
+                } else {
                     let td = &model.mesh.trust_domain;
                     mtls::cluster_tls(cluster, svc, port.number, subset, labels, td, policy);
                 }
