@@ -318,9 +318,8 @@ async fn the_ca_signs_only_the_identity_the_token_proves() {
     .await;
     let token = std::fs::read_to_string(&token_path).expect("token");
     let roots = std::fs::read_to_string(dir.join("root-cert.pem")).expect("root");
-    let istiod = SpiffeId::new(TD, "istio-system", "istiod");
-    let tls = weft_certs::anonymous_client_config(&roots, PeerPolicy::Only(vec![istiod]), &["h2"])
-        .expect("tls");
+    let istiod = PeerPolicy::DnsName("istiod.istio-system.svc".into());
+    let tls = weft_certs::anonymous_client_config(&roots, istiod, &["h2"]).expect("tls");
     let channel = weft_xds::tls::channel(&format!("https://{}", mesh.secure), Some(tls))
         .await
         .expect("connects to 15012");
@@ -600,9 +599,8 @@ async fn silent_connections_on_15012_do_not_stall_the_ca() {
         silent.push(socket.connect(mesh.secure).await.expect("connect"));
     }
     let roots = std::fs::read_to_string(mesh.identity_dir().join("root-cert.pem")).expect("root");
-    let istiod = SpiffeId::new(TD, "istio-system", "istiod");
-    let tls = weft_certs::anonymous_client_config(&roots, PeerPolicy::Only(vec![istiod]), &["h2"])
-        .expect("tls");
+    let istiod = PeerPolicy::DnsName("istiod.istio-system.svc".into());
+    let tls = weft_certs::anonymous_client_config(&roots, istiod, &["h2"]).expect("tls");
     // Well inside the silent peers' first-byte timeout, so only a handshake that did not wait for
     // them fits.
     let channel = tokio::time::timeout(

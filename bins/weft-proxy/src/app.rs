@@ -134,7 +134,7 @@ impl App {
             tls.identity(),
             &config.identity,
         ) {
-            let expected = weft_certs::PeerPolicy::Only(vec![identity.control_plane.clone()]);
+            let expected = weft_certs::PeerPolicy::DnsName(identity.control_plane.clone());
             match weft_certs::client_config(cell, expected, &["h2"]) {
                 Ok(client) => xds.tls = Some(client),
                 Err(e) => {

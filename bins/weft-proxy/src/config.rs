@@ -21,6 +21,9 @@ pub const ENV_LABELS_JSON: &str = "ISTIO_METAJSON_LABELS";
 pub const ENV_META_PREFIX: &str = "ISTIO_META_";
 /// Istio's agent settings for certificates.
 pub const ENV_CA_ADDR: &str = "CA_ADDR";
+/// The DNS name the control plane's certificate must carry, as Istio's agent takes it.
+pub const ENV_ISTIOD_SAN: &str = "ISTIOD_SAN";
+pub const DEFAULT_ISTIOD_SAN: &str = "istiod.istio-system.svc";
 pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const ENV_SECRET_TTL: &str = "SECRET_TTL";
 /// Where the trust bundle and bootstrap token are, defaulting to where Istio mounts them in a pod.
@@ -183,7 +186,7 @@ impl Config {
                             .unwrap_or_else(|| DEFAULT_TOKEN_FILE.into())
                             .into(),
                     ),
-                    control_plane: SpiffeId::new(&trust_domain, "istio-system", "istiod"),
+                    control_plane: get(ENV_ISTIOD_SAN).unwrap_or_else(|| DEFAULT_ISTIOD_SAN.into()),
                     ttl,
                 })
             }
@@ -296,10 +299,7 @@ mod tests {
         let identity = c.identity.expect("identity");
         assert_eq!(identity.ca_address, "https://weftd:15012");
         assert_eq!(identity.ttl, Duration::from_secs(5400));
-        assert_eq!(
-            identity.control_plane.to_string(),
-            "spiffe://cluster.local/ns/istio-system/sa/istiod"
-        );
+        assert_eq!(identity.control_plane, "istiod.istio-system.svc");
         let err = Config::from_env("https://weftd:15012".into(), &vars(&base)).expect_err("no CA");
         assert!(err.to_string().contains("CA_ADDR"), "{err}");
         assert_eq!(parse_go_duration("24h"), Some(Duration::from_secs(86400)));

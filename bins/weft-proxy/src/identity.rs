@@ -11,7 +11,7 @@ use std::{
 
 use rand::Rng;
 use tonic::metadata::MetadataValue;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 use weft_certs::{Identity, IdentityCell, PeerPolicy, SpiffeId, WorkloadKey};
 use weft_drain::DrainWatcher;
 use weft_xds::istio_ca::{
@@ -32,8 +32,8 @@ pub struct IdentityConfig {
     /// A bootstrap token proving this workload's service account; read at every request, so a
     /// refreshed file is picked up.
     pub token_file: Option<PathBuf>,
-    /// The identity weftd's 15012 must present.
-    pub control_plane: SpiffeId,
+    /// The DNS name weftd's 15012 certificate must carry (Istio's `ISTIOD_SAN`).
+    pub control_plane: String,
     /// The lifetime asked for (Istio's `SECRET_TTL`).
     pub ttl: Duration,
 }
@@ -72,7 +72,7 @@ pub async fn fetch(
 ) -> Result<Identity, IdentityFetchError> {
     let certs = |e: String| IdentityFetchError::Certs(e);
     let roots = read(&config.root_cert)?;
-    let expected = PeerPolicy::Only(vec![config.control_plane.clone()]);
+    let expected = PeerPolicy::DnsName(config.control_plane.clone());
     let tls = match current {
         Some(cell) => {
             weft_certs::client_config(cell, expected, &["h2"]).map_err(|e| certs(e.to_string()))?
@@ -109,6 +109,9 @@ pub async fn fetch(
     Identity::new(id.clone(), &key, &chain, &roots).map_err(|e| certs(e.to_string()))
 }
 
+/// Failed CA calls in a row after which the log says so at error level, with what to check.
+const LOUD_AFTER: u32 = 3;
+
 /// Gets the first certificate, retrying with backoff until it comes or the proxy drains. Without it
 /// the proxy could serve no mTLS at all, so nothing else starts first.
 pub async fn bootstrap(
@@ -117,6 +120,7 @@ pub async fn bootstrap(
     drain: &DrainWatcher,
 ) -> Option<IdentityCell> {
     let mut backoff = Duration::from_millis(100);
+    let mut failures = 0u32;
     loop {
         match fetch(config, id, None).await {
             Ok(identity) => {
@@ -124,7 +128,13 @@ pub async fn bootstrap(
                 return Some(IdentityCell::new(identity));
             }
             Err(e) => {
-                warn!(identity = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot get a workload certificate yet")
+                failures += 1;
+                if failures >= LOUD_AFTER {
+                    error!(identity = %id, error = %e, failures, root_cert = %config.root_cert.display(), ca = %config.ca_address,
+                        "still no workload certificate, so no traffic: check that weftd is reachable and that the trust bundle file holds its root; retrying");
+                } else {
+                    warn!(identity = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot get a workload certificate yet");
+                }
             }
         }
         tokio::select! {
@@ -157,12 +167,23 @@ pub async fn rotate(config: IdentityConfig, id: SpiffeId, cell: IdentityCell, dr
         rand::rng().random_range(-1.0..1.0),
     );
     let mut backoff = Duration::from_millis(200);
+    let mut failures = 0u32;
     loop {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = drain.signaled() => return,
         }
-        match fetch(&config, &id, Some(&cell)).await {
+        // The current certificate proves who is asking; if weftd can no longer be verified with
+        // the bundle that certificate came with (its CA changed), the bundle file and token, which
+        // whoever runs the proxy keeps current, are tried too.
+        let fetched = match fetch(&config, &id, Some(&cell)).await {
+            Ok(identity) => Ok(identity),
+            Err(with_current) => {
+                debug!(identity = %id, error = %with_current, "renewal with the current certificate failed; trying the bundle file and token");
+                fetch(&config, &id, None).await
+            }
+        };
+        match fetched {
             Ok(identity) => {
                 info!(identity = %id, serial = %identity.serial, previous = %cell.current().serial, "workload certificate rotated");
                 delay = renewal_delay(
@@ -172,6 +193,7 @@ pub async fn rotate(config: IdentityConfig, id: SpiffeId, cell: IdentityCell, dr
                 );
                 cell.replace(identity);
                 backoff = Duration::from_millis(200);
+                failures = 0;
             }
             Err(e) => {
                 let remaining = cell
@@ -181,7 +203,13 @@ pub async fn rotate(config: IdentityConfig, id: SpiffeId, cell: IdentityCell, dr
                     .unwrap_or_default();
                 delay = backoff.min(remaining / 10).max(Duration::from_millis(50));
                 backoff = (backoff * 2).min(Duration::from_secs(30));
-                warn!(identity = %id, error = %e, "cannot renew the workload certificate; serving on the current one");
+                failures += 1;
+                if failures >= LOUD_AFTER {
+                    error!(identity = %id, error = %e, failures, root_cert = %config.root_cert.display(), ca = %config.ca_address,
+                        "cannot renew the workload certificate; serving on the current one until it expires. If weftd cannot be verified, its CA changed: put its root in the trust bundle file; retrying");
+                } else {
+                    warn!(identity = %id, error = %e, "cannot renew the workload certificate; serving on the current one");
+                }
             }
         }
     }

@@ -54,9 +54,20 @@ const CONTROL_PLANE_NAMESPACE: &str = "istio-system";
 const CONTROL_PLANE_ACCOUNT: &str = "istiod";
 const CONTROL_PLANE_CERT_TTL: Duration = weft_certs::DEFAULT_WORKLOAD_TTL;
 
-/// The identity proxies expect weftd's 15012 to present.
+/// weftd's own identity, which the CA never issues to a workload.
 pub fn control_plane_identity(trust_domain: &str) -> SpiffeId {
     SpiffeId::new(trust_domain, CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_ACCOUNT)
+}
+
+/// The DNS name proxies verify weftd's 15012 by, as Istio's agents verify istiod's.
+pub const CONTROL_PLANE_DNS_NAME: &str = "istiod.istio-system.svc";
+
+/// Istio's name, and its long form under the cluster domain.
+fn control_plane_dns_names() -> Vec<String> {
+    vec![
+        CONTROL_PLANE_DNS_NAME.to_string(),
+        format!("{CONTROL_PLANE_DNS_NAME}.{}", crate::registry::DNS_DOMAIN),
+    ]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,7 +251,12 @@ impl App {
         );
         let trust_domain = config.mesh.trust_domain.clone();
         let me = control_plane_identity(&trust_domain);
-        let cell = IdentityCell::new(ca.issue(&me, SystemTime::now(), CONTROL_PLANE_CERT_TTL)?);
+        let cell = IdentityCell::new(ca.issue_with_dns(
+            &me,
+            &control_plane_dns_names(),
+            SystemTime::now(),
+            CONTROL_PLANE_CERT_TTL,
+        )?);
         // Proxies with no certificate yet must reach the CA, so a client certificate is optional at
         // the handshake; the ADS service refuses a stream without one on this port.
         let server_tls = weft_certs::server_config(
@@ -297,7 +313,12 @@ async fn renew_own_certificate(ca: Arc<Ca>, me: SpiffeId, cell: IdentityCell, dr
             () = tokio::time::sleep(CONTROL_PLANE_CERT_TTL / 2) => {}
             () = drain.signaled() => return,
         }
-        match ca.issue(&me, SystemTime::now(), CONTROL_PLANE_CERT_TTL) {
+        match ca.issue_with_dns(
+            &me,
+            &control_plane_dns_names(),
+            SystemTime::now(),
+            CONTROL_PLANE_CERT_TTL,
+        ) {
             Ok(identity) => {
                 info!(serial = %identity.serial, "renewed weftd's serving certificate");
                 cell.replace(identity);

@@ -149,6 +149,14 @@ impl IstioCertificateService for CaService {
             certificate,
         )
         .map_err(|s| self.metrics.refuse(s))?;
+        // A Pod may name any service account in its manifest; the control plane's is never a
+        // workload's, or that workload could serve xDS and the CA to every proxy.
+        if caller == crate::app::control_plane_identity(&self.trust_domain) {
+            warn!(caller = %caller, "CSR refused: the control plane's identity is not issued to workloads");
+            return Err(self.metrics.refuse(Status::permission_denied(format!(
+                "{caller} is the control plane's identity and is not issued to workloads"
+            ))));
+        }
         let req = request.into_inner();
         let ttl = self.lifetimes.grant(req.validity_duration);
         match self.ca.sign_csr(&req.csr, &caller, SystemTime::now(), ttl) {
@@ -210,13 +218,18 @@ impl IdentityFiles {
         weft_api::names::check_label(ns)
             .and_then(|()| weft_api::names::check_subdomain(sa))
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let id = SpiffeId::new(&self.trust_domain, ns, sa);
+        if id == crate::app::control_plane_identity(&self.trust_domain) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the control plane's identity gets no bootstrap token",
+            ));
+        }
         let path = Self::token_path(&self.dir, ns, sa);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let token = self
-            .tokens
-            .issue(&SpiffeId::new(&self.trust_domain, ns, sa));
+        let token = self.tokens.issue(&id);
         // Write then rename, so a proxy never reads half a token.
         let tmp = path.with_extension("tmp");
         std::fs::OpenOptions::new()
@@ -310,5 +323,55 @@ mod tests {
             "web's token is written"
         );
         assert!(!escaped, "no token outside the identity directory");
+    }
+
+    #[tokio::test]
+    async fn the_control_plane_identity_is_never_issued_to_a_workload() {
+        let tokens = Arc::new(BootstrapTokens::generate().expect("key"));
+        let istiod = crate::app::control_plane_identity("cluster.local");
+        let service = CaService {
+            ca: Arc::new(
+                Ca::self_signed(
+                    "cluster.local",
+                    SystemTime::now(),
+                    Duration::from_secs(3600),
+                )
+                .expect("ca"),
+            ),
+            tokens: tokens.clone(),
+            trust_domain: "cluster.local".into(),
+            lifetimes: Lifetimes::default(),
+            metrics: CaMetrics::new(&mut Registry::default()),
+        };
+        let key = weft_certs::WorkloadKey::generate().expect("key");
+        let mut request = Request::new(IstioCertificateRequest {
+            csr: key.csr_pem(&istiod).expect("csr"),
+            validity_duration: 3600,
+            metadata: None,
+        });
+        let bearer = format!("Bearer {}", tokens.issue(&istiod));
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.parse().expect("header"));
+        let refused = service
+            .create_certificate(request)
+            .await
+            .expect_err("a workload claiming istiod");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+        // Nor does a Pod that names istiod's service account get a token to ask with.
+        let dir = std::env::temp_dir().join(format!("weftd-istiod-{}", std::process::id()));
+        let files = IdentityFiles {
+            dir: dir.clone(),
+            tokens,
+            trust_domain: "cluster.local".into(),
+            root_pem: "bundle".into(),
+        };
+        let mut model = Model::build(&Default::default(), Default::default());
+        model.service_accounts = [("istio-system".to_string(), "istiod".to_string())].into();
+        files.write(&model);
+        let written = IdentityFiles::token_path(&dir, "istio-system", "istiod").exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!written);
     }
 }

@@ -187,9 +187,31 @@ impl Ca {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<crate::Identity, CaError> {
+        self.issue_with_dns(id, &[], now, ttl)
+    }
+
+    /// As [`Ca::issue`], with DNS names beside the SPIFFE id: the control plane's serving certificate,
+    /// which proxies verify by name (`istiod.istio-system.svc`). Workload CSRs never get DNS names, so
+    /// no workload certificate can pass for the control plane.
+    pub fn issue_with_dns(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<crate::Identity, CaError> {
         let key = crate::WorkloadKey::generate().map_err(|e| CaError::Sign(e.to_string()))?;
         let csr = key.csr_pem(id).map_err(|e| CaError::Sign(e.to_string()))?;
-        let chain = self.sign_csr(&csr, id, now, ttl)?;
+        let mut csr = CertificateSigningRequestParams::from_pem(&csr)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        for name in dns_names {
+            let dns = name
+                .as_str()
+                .try_into()
+                .map_err(|e| CaError::Sign(format!("DNS name {name:?}: {e}")))?;
+            csr.params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        let chain = self.sign(csr, now, ttl)?;
         crate::Identity::new(id.clone(), &key, &chain, &self.root_pem)
             .map_err(|e| CaError::Sign(e.to_string()))
     }
@@ -209,7 +231,7 @@ impl Ca {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Vec<String>, CaError> {
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Csr(e.to_string()))?;
         let requested: Vec<String> = csr
             .params
@@ -226,7 +248,22 @@ impl Ca {
                 caller: caller.to_string(),
             });
         }
+        self.sign(csr, now, ttl)
+    }
+
+    /// Signs a CSR whose names are checked. Only its key and SANs are kept: its subject (a `CN`, an
+    /// `O=system:masters`) and any extensions it asked for are the requester's words, not the CA's.
+    fn sign(
+        &self,
+        mut csr: CertificateSigningRequestParams,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
         let params = &mut csr.params;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.custom_extensions.clear();
+        params.name_constraints = None;
+        params.crl_distribution_points.clear();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

@@ -32,6 +32,10 @@ pub enum PeerPolicy {
     TrustDomain(String),
     /// Only these identities.
     Only(Vec<SpiffeId>),
+    /// A server whose certificate carries this DNS name, as Istio's agents check istiod
+    /// (`istiod.istio-system.svc`). The mesh CA puts DNS names only in the control plane's own
+    /// certificate, so a workload's cannot pass. Never matches a client.
+    DnsName(String),
 }
 
 impl PeerPolicy {
@@ -39,6 +43,7 @@ impl PeerPolicy {
         match self {
             Self::TrustDomain(td) => &id.trust_domain == td,
             Self::Only(ids) => ids.contains(id),
+            Self::DnsName(_) => false,
         }
     }
 }
@@ -149,6 +154,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
+        if let PeerPolicy::DnsName(name) = &self.expected {
+            let server = ServerName::try_from(name.as_str())
+                .map_err(|e| identity_error(format!("{name:?} is not a DNS name: {e}")))?;
+            return rustls::client::verify_server_name(&cert, &server)
+                .map(|()| ServerCertVerified::assertion())
+                .map_err(|_| {
+                    identity_error(format!("the server's certificate is not for {name}"))
+                });
+        }
         match peer_spiffe_id(end_entity) {
             Some(id) if self.expected.allows(&id) => Ok(ServerCertVerified::assertion()),
             other => Err(identity_error(format!(
@@ -192,6 +206,7 @@ fn describe(policy: &PeerPolicy) -> String {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(" or "),
+        PeerPolicy::DnsName(name) => format!("(a server named {name})"),
     }
 }
 

@@ -358,3 +358,78 @@ fn a_created_ca_is_loaded_again_from_its_directory() {
     assert_eq!(leaf.roots_pem, first.root_pem());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Proxies check the control plane by DNS name; only the CA's own issue path puts one in, so a
+/// workload certificate for the control plane's SPIFFE id is refused. A CSR's subject is never copied.
+#[tokio::test]
+async fn the_control_plane_is_known_by_its_dns_name_and_workloads_cannot_claim_it() {
+    let ca = ca();
+    let istiod = SpiffeId::new(TD, "istio-system", "istiod");
+    let name = "istiod.istio-system.svc";
+    let control_plane = ca
+        .issue_with_dns(
+            &istiod,
+            &[name.to_string()],
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .expect("issued");
+    let impostor = issue(&ca, &istiod, SystemTime::now(), Duration::from_secs(3600));
+    let client = issue(
+        &ca,
+        &id("web"),
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    );
+    let client_cell = IdentityCell::new(client);
+    let to_control_plane = client_config(&client_cell, PeerPolicy::DnsName(name.into()), &["h2"])
+        .expect("client config");
+    for (who, server, ok) in [
+        ("weftd", control_plane, true),
+        ("impostor", impostor, false),
+    ] {
+        let server_tls = server_config(
+            &IdentityCell::new(server),
+            PeerPolicy::TrustDomain(TD.into()),
+            ClientAuth::Optional,
+            &["h2"],
+        )
+        .expect("server config");
+        let result = exchange(&to_control_plane, &server_tls).await;
+        assert_eq!(result.is_ok(), ok, "{who}: {result:?}");
+    }
+
+    // A CSR with a subject of its own choosing gets none.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        id("web").to_string().as_str().try_into().expect("uri"),
+    )];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "admin");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:masters");
+    let csr = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let chain = ca
+        .sign_csr(
+            &csr,
+            &id("web"),
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .expect("signed");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain[0].as_bytes()).expect("pem");
+    let cert = pem.parse_x509().expect("cert");
+    assert_eq!(
+        cert.subject().iter_attributes().count(),
+        0,
+        "{}",
+        cert.subject()
+    );
+}
