@@ -212,6 +212,8 @@ impl Mesh {
             ("POD_NAMESPACE".into(), "test".into()),
             ("INSTANCE_IP".into(), ip.to_string()),
             ("SERVICE_ACCOUNT".into(), pod.into()),
+            // Connections of a changed listener go on this long; short, so tests see the end of it.
+            ("WEFT_LISTENER_DRAIN_DURATION".into(), "1s".into()),
             (
                 "ISTIO_METAJSON_LABELS".into(),
                 serde_json::to_string(&labels).expect("json"),

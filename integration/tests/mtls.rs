@@ -522,10 +522,6 @@ async fn tcp_denials_close_the_connection() {
         &[(5432, "TCP")],
     ));
     mesh.write("mesh.yaml", &manifests);
-    mesh.write(
-        "authz.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: test}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules: [{from: [{source: {principals: [\"cluster.local/ns/test/sa/client-0\"]}}]}]\n",
-    );
     let mut server = mesh
         .proxy_mtls(
             "db-0",
@@ -544,6 +540,30 @@ async fn tcp_denials_close_the_connection() {
         )
         .await;
     client.ready(1).await;
+    // A connection opened while it was allowed...
+    let mut before = wait_for("an allowed connection", Duration::from_secs(10), || async {
+        let mut c = tokio::net::TcpStream::connect(SocketAddr::new(client_ip, 5432))
+            .await
+            .ok()?;
+        c.write_all(b"ping").await.ok()?;
+        let mut buf = [0u8; 7];
+        tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        (&buf == b"db:ping").then_some(c)
+    })
+    .await;
+    mesh.write(
+        "authz.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: test}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules: [{from: [{source: {principals: [\"cluster.local/ns/test/sa/client-0\"]}}]}]\n",
+    );
+    // ...is closed once the DENY is in force and the drain period has passed.
+    let mut byte = [0u8; 1];
+    let end = tokio::time::timeout(Duration::from_secs(15), before.read(&mut byte))
+        .await
+        .expect("the connection opened before the DENY is closed");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
     let mut conn = tokio::net::TcpStream::connect(SocketAddr::new(client_ip, 5432))
         .await
         .expect("the client's egress accepts");
@@ -631,4 +651,94 @@ async fn silent_connections_on_15012_do_not_stall_the_ca() {
     }
     assert_eq!(closed, silent.len(), "every silent connection is closed");
     mesh.shutdown().await;
+}
+
+/// Sends a few bytes over an open WebSocket and reads them back.
+async fn echo(ws: &mut tokio::net::TcpStream) -> anyhow::Result<[u8; 6]> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ws.write_all(b"frames").await?;
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut buf)).await??;
+    Ok(buf)
+}
+
+/// A WebSocket opened while allowed is closed once a new policy denies it (after the drain period),
+/// and one the new policy still allows stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_close_when_a_new_policy_denies_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pair = Pair::new("STRICT", weft_certs::DEFAULT_WORKLOAD_TTL).await;
+    let open = |extra: &'static str| async move {
+        let mut ws = tokio::net::TcpStream::connect(pair.egress)
+            .await
+            .expect("connect");
+        ws.write_all(format!("GET /ws HTTP/1.1\r\nHost: {HOST}\r\n{extra}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut byte))
+                .await
+                .expect("handshake in time")
+                .expect("read");
+            assert_eq!(n, 1, "closed during the handshake");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        ws
+    };
+    let mut denied = open("x-kill: yes\r\n").await;
+    let mut kept = open("").await;
+    assert_eq!(&echo(&mut denied).await.expect("echo"), b"frames");
+    pair.mesh.write(
+        "authz.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-ws, namespace: test}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: DENY\n  rules: [{when: [{key: \"request.headers[x-kill]\", values: [\"yes\"]}]}]\n",
+    );
+    let mut byte = [0u8; 1];
+    let end = tokio::time::timeout(Duration::from_secs(15), denied.read(&mut byte))
+        .await
+        .expect("the denied WebSocket is closed");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert_eq!(
+        &echo(&mut kept).await.expect("the allowed one stays open"),
+        b"frames"
+    );
+    pair.mesh.shutdown().await;
+}
+
+/// Kept-alive HTTP/1.1 connections to a proxy whose listener keeps changing are drained, never cut:
+/// not one request fails, through the client's sidecar or straight to the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_connections_are_drained_without_a_failed_request() {
+    let pair = Pair::new("PERMISSIVE", weft_certs::DEFAULT_WORKLOAD_TTL).await;
+    let client = http1_client();
+    let policy = |path: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: toggle, namespace: test}}\nspec:\n  selector: {{matchLabels: {{app: backend}}}}\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [\"{path}\"]}}}}]}}]\n"
+        )
+    };
+    let mut failed = Vec::new();
+    for i in 0..2000 {
+        if i % 200 == 0 {
+            pair.mesh
+                .write("toggle.yaml", &policy(&format!("/never-{i}")));
+        }
+        let target = if i % 2 == 0 {
+            pair.egress
+        } else {
+            pair.inbound
+        };
+        match send(&client, target, "GET", HOST, "/load", &[]).await {
+            Ok(r) if r.status == StatusCode::OK => {}
+            Ok(r) => failed.push(format!("{i}: {}", r.status)),
+            Err(e) => failed.push(format!("{i}: {e:#}")),
+        }
+    }
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    pair.mesh.shutdown().await;
 }

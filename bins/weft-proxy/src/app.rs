@@ -100,6 +100,7 @@ impl App {
             registry: Arc::new(registry),
             workload: config.workload.clone(),
             drain: drain.clone(),
+            listener_drain: config.listener_drain,
             access_log: Default::default(),
             tasks: Default::default(),
         });

@@ -21,6 +21,8 @@ pub const ENV_LABELS_JSON: &str = "ISTIO_METAJSON_LABELS";
 pub const ENV_META_PREFIX: &str = "ISTIO_META_";
 /// Istio's agent settings for certificates.
 pub const ENV_CA_ADDR: &str = "CA_ADDR";
+pub const ENV_LISTENER_DRAIN: &str = "WEFT_LISTENER_DRAIN_DURATION";
+pub const DEFAULT_LISTENER_DRAIN: Duration = Duration::from_secs(5);
 /// The DNS name the control plane's certificate must carry, as Istio's agent takes it.
 pub const ENV_ISTIOD_SAN: &str = "ISTIOD_SAN";
 pub const DEFAULT_ISTIOD_SAN: &str = "istiod.istio-system.svc";
@@ -41,6 +43,10 @@ pub struct Config {
     pub admin_address: SocketAddr,
     pub stats_address: SocketAddr,
     pub drain_duration: Duration,
+    /// How long connections accepted under a listener's previous config may go on after it changes:
+    /// HTTP/1.1 ones are told `Connection: close` on their next response meanwhile, then closed;
+    /// long-lived ones (TCP, WebSocket) are closed then if the new config no longer authorizes them.
+    pub listener_drain: Duration,
     /// This workload, for the `source_*`/`destination_*` metric labels.
     pub workload: Workload,
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
@@ -159,6 +165,14 @@ impl Config {
                     app.clone()
                 }
             });
+        let listener_drain = match get(ENV_LISTENER_DRAIN) {
+            None => DEFAULT_LISTENER_DRAIN,
+            Some(t) => parse_go_duration(&t).ok_or_else(|| ConfigError::Invalid {
+                name: ENV_LISTENER_DRAIN.into(),
+                value: t.clone(),
+                reason: "a duration such as 5s".into(),
+            })?,
+        };
         let trust_domain = get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into());
         let spiffe_id = SpiffeId::new(&trust_domain, &namespace, &sa);
         let identity = match get(ENV_CA_ADDR) {
@@ -228,6 +242,7 @@ impl Config {
                 SocketAddr::new(ip, STATS_PORT)
             },
             drain_duration: Duration::from_secs(5),
+            listener_drain,
             workload: Workload {
                 name: workload_name,
                 namespace,

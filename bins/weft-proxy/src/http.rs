@@ -4,7 +4,10 @@
 
 use std::{
     convert::Infallible,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -21,8 +24,8 @@ use tracing::debug;
 use crate::{
     Ctx, lb,
     model::{
-        ForwardConfig, HeaderOps, HttpConfig, PathMatch, RedirectConfig, RouteAction, RouteConfig,
-        RouteTable,
+        ForwardConfig, HeaderOps, HttpConfig, ListenerKind, PathMatch, RedirectConfig, RouteAction,
+        RouteConfig, RouteTable,
     },
     state::{Body, ClusterState, EndpointState},
 };
@@ -38,6 +41,30 @@ pub struct ConnInfo {
     pub source_principal: Option<weft_certs::SpiffeId>,
     /// The SHA-256 of the client's certificate, for `x-forwarded-client-cert`.
     pub client_cert_hash: Option<String>,
+    /// The listener config the connection was accepted under.
+    pub origin: crate::listeners::Origin,
+    /// The listener changed: HTTP/1.1 responses say `Connection: close`, so the client moves to a
+    /// connection on the new config before this one is shut down.
+    pub draining: AtomicBool,
+    /// The connection speaks HTTP/2 (GOAWAY drains it at once).
+    pub http2: AtomicBool,
+}
+
+/// One request on a downstream connection: [`handle`], then what the connection's drain state asks
+/// of the response.
+pub async fn serve_request(
+    req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+    conn: Arc<ConnInfo>,
+) -> Result<Response<Body>, Infallible> {
+    let http2 = req.version() == http::Version::HTTP_2;
+    conn.http2.store(http2, Ordering::Relaxed);
+    let mut resp = handle(req, ctx, conn.clone()).await?;
+    if !http2 && conn.draining.load(Ordering::Relaxed) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
 }
 
 /// Bodies up to this size are kept so a failed attempt can be retried, as Linkerd and Envoy limit it.
@@ -431,17 +458,14 @@ async fn warmed(
     }
 }
 
-/// The HTTP RBAC filters, in order, before routing: `None` lets the request on; a denial answers as
-/// Envoy does (403 `RBAC: access denied`), with the policy and rule in the access log's response
-/// details and in `weft_authorization_denied_total`.
-fn authorize(
+/// What an authorization policy can ask of a request.
+fn request_facts(
     req: &Request<Incoming>,
-    ctx: &Ctx,
     conn: &ConnInfo,
     authority: &str,
     path: &str,
-) -> Option<(Response<Body>, Outcome)> {
-    let facts = weft_policy::Request {
+) -> weft_policy::Request {
+    weft_policy::Request {
         source_principal: conn.source_principal.as_ref().map(crate::istio_principal),
         source_ip: Some(conn.peer.ip()),
         remote_ip: None,
@@ -457,7 +481,20 @@ fn authorize(
                 .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
                 .collect(),
         }),
-    };
+    }
+}
+
+/// The HTTP RBAC filters, in order, before routing: `None` lets the request on; a denial answers as
+/// Envoy does (403 `RBAC: access denied`), with the policy and rule in the access log's response
+/// details and in `weft_authorization_denied_total`.
+fn authorize(
+    req: &Request<Incoming>,
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    authority: &str,
+    path: &str,
+) -> Option<(Response<Body>, Outcome)> {
+    let facts = request_facts(req, conn, authority, path);
     let (decision, audited) = weft_policy::rbac::decide(&conn.http.rbac, &facts);
     for a in &audited {
         tracing::info!(policy = %a.policy, rule = a.rule, method = %req.method(), path, "AUDIT policy matched");
@@ -616,6 +653,11 @@ async fn forward(
     };
     let websocket = conn.http.websocket && is_upgrade(req.headers());
     let downstream_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    // A tunnel outlives its request; when the listener changes, it is checked again against this.
+    let tunnel_facts = websocket.then(|| {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        request_facts(&req, conn, &authority(&req), path)
+    });
 
     let (mut parts, body) = req.into_parts();
     remove_hop_by_hop(&mut parts.headers, websocket);
@@ -785,12 +827,24 @@ async fn forward(
             if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, status) {
                 let up = hyper::upgrade::on(&mut resp);
                 let drain = ctx.drain.clone();
+                let (state, drain_period) = (ctx.state.clone(), ctx.listener_drain);
+                let origin = conn.origin.clone();
+                let facts = tunnel_facts.unwrap_or_default();
                 ctx.tasks.spawn(async move {
                     if let (Ok(down), Ok(up)) = (down.await, up.await) {
                         let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                        let still_allowed = |kind: &ListenerKind| match kind {
+                            ListenerKind::Http(h) => {
+                                weft_policy::rbac::decide(&h.rbac, &facts).0.allowed()
+                            }
+                            ListenerKind::Tcp(_) => false,
+                        };
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
                             () = drain.signaled() => {}
+                            () = crate::listeners::authorization_revoked(state, drain_period, &origin, still_allowed) => {
+                                debug!(listener = %origin.listener.name, "closing a WebSocket the listener's new config no longer authorizes");
+                            }
                         }
                     }
                 });

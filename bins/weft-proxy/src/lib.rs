@@ -39,6 +39,8 @@ pub struct Ctx {
     pub registry: Arc<Registry>,
     pub workload: Workload,
     pub drain: DrainWatcher,
+    /// How long connections of a changed listener may go on (see `Config::listener_drain`).
+    pub listener_drain: std::time::Duration,
     /// TLS configs on the workload's identity, when it has one.
     tls: Arc<mtls::TlsConfigs>,
     /// This workload's SPIFFE id for metric labels, or `unknown` without an identity; rotation keeps it.

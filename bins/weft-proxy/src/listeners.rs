@@ -2,7 +2,14 @@
 //! Binding happens while an update is applied, so a port that cannot be bound NACKs the update instead of
 //! failing later.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -124,7 +131,7 @@ async fn accept_loop(
             .then(|| original_dst(&stream))
             .flatten();
         let target = original_dst.unwrap_or(addr);
-        let config = resolve(&state, own, target).clone();
+        let config = Arc::new(resolve(&state, own, target).clone());
         let ctx = ctx.clone();
         let stop = stop.clone();
         conns.spawn(async move {
@@ -140,7 +147,14 @@ async fn accept_loop(
                 debug!(%peer, %target, listener = %config.name, ?detected, "no filter chain for this connection; closing");
                 return;
             };
-            let conn = Conn { peer, target, listener: &config };
+            let conn = Conn {
+                peer,
+                origin: Origin {
+                    listener: config.clone(),
+                    target,
+                    detected: detected.clone(),
+                },
+            };
             match &chain.tls {
                 None => serve(stream, None, conn, chain.kind, &ctx, stop).await,
                 Some(tls) => {
@@ -165,16 +179,50 @@ async fn accept_loop(
 }
 
 /// Where a connection came from and was going, for the filters.
-struct Conn<'a> {
+struct Conn {
     peer: SocketAddr,
-    target: SocketAddr,
+    origin: Origin,
+}
+
+/// What a connection was accepted under, so it can be checked again when its listener changes.
+#[derive(Clone, Debug)]
+pub(crate) struct Origin {
     /// The listener config the connection was accepted under.
-    listener: &'a ListenerConfig,
+    pub listener: Arc<ListenerConfig>,
+    /// Where it was headed (for a captured connection, its original destination).
+    pub target: SocketAddr,
+    /// What its first bytes said, which picked its filter chain.
+    pub detected: Option<Detected>,
+}
+
+/// Resolves when a long-lived connection must close: its listener changed, the drain period passed,
+/// and under the config then in force its filter chain is gone or `still_allowed` (the chain's
+/// authorization, re-evaluated) says no. A change that keeps it authorized keeps it open.
+pub(crate) async fn authorization_revoked(
+    state: watch::Receiver<Arc<ProxyState>>,
+    drain_period: std::time::Duration,
+    origin: &Origin,
+    still_allowed: impl Fn(&ListenerKind) -> bool,
+) {
+    let mut accepted = origin.listener.clone();
+    loop {
+        listener_changed(&state, &accepted).await;
+        tokio::time::sleep(drain_period).await;
+        let state = state.borrow().clone();
+        let Some(now) = state.listeners.get(&accepted.name) else {
+            return;
+        };
+        let chain = now.chain_for(origin.target.port(), origin.detected.as_ref());
+        if !chain.is_some_and(|c| still_allowed(&c.kind)) {
+            return;
+        }
+        accepted = Arc::new(now.clone());
+    }
 }
 
 /// Resolves once the named listener's config differs from `accepted` (changed or removed).
-async fn listener_changed(ctx: &Ctx, accepted: &ListenerConfig) {
-    let mut updates = ctx.state.clone();
+async fn listener_changed(state: &watch::Receiver<Arc<ProxyState>>, accepted: &ListenerConfig) {
+    let mut updates = state.clone();
     loop {
         if updates.changed().await.is_err() {
             return std::future::pending().await;
@@ -191,7 +239,7 @@ async fn listener_changed(ctx: &Ctx, accepted: &ListenerConfig) {
 async fn serve<IO>(
     stream: IO,
     tls: Option<weft_certs::Peer>,
-    conn: Conn<'_>,
+    conn: Conn,
     kind: ListenerKind,
     ctx: &Arc<Ctx>,
     mut stop: watch::Receiver<bool>,
@@ -202,41 +250,59 @@ async fn serve<IO>(
         Some(p) => (p.id, p.cert_hash),
         None => (None, None),
     };
+    let Conn { peer, origin } = conn;
     match kind {
         ListenerKind::Tcp(tcp) => {
             let downstream = tcp::Downstream {
-                peer: conn.peer,
-                target: conn.target,
-                listener: &conn.listener.name,
-                inbound: conn.listener.inbound,
+                peer,
+                target: origin.target,
+                listener: &origin.listener.name,
+                inbound: origin.listener.inbound,
                 source_principal: source_principal.as_ref(),
+                origin: &origin,
             };
             tcp::proxy(stream, downstream, &tcp, ctx).await
         }
         ListenerKind::Http(http_config) => {
             let info = Arc::new(ConnInfo {
-                local: conn.target,
-                peer: conn.peer,
-                inbound: conn.listener.inbound,
+                local: origin.target,
+                peer,
+                inbound: origin.listener.inbound,
                 http: http_config,
                 source_principal,
                 client_cert_hash,
+                origin: origin.clone(),
+                draining: AtomicBool::new(false),
+                http2: AtomicBool::new(false),
             });
             let svc_ctx = ctx.clone();
-            let svc = service_fn(move |req| http::handle(req, svc_ctx.clone(), info.clone()));
+            let svc_info = info.clone();
+            let svc =
+                service_fn(move |req| http::serve_request(req, svc_ctx.clone(), svc_info.clone()));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::pin!(served);
-            // A changed listener (new routes inline, new authorization policy) must not keep
-            // serving kept-alive connections on the old config: they finish what is in flight and
-            // close, as Envoy drains connections of an updated listener.
+            // A changed listener (new routes inline, new authorization policy) must not keep serving
+            // kept-alive connections on the old config for long, nor cut them while a client may be
+            // writing: as Envoy drains an updated listener, HTTP/2 gets GOAWAY at once, HTTP/1.1
+            // answers its next request with `Connection: close`, and what is left after the drain
+            // period is shut down (in-flight requests finish).
             tokio::select! {
                 r = served.as_mut() => if let Err(e) = r { debug!(error = %e, "connection ended with an error") },
                 () = stopped(&mut stop, ctx) => {
                     served.as_mut().graceful_shutdown();
                     let _ = served.await;
                 }
-                () = listener_changed(ctx, conn.listener) => {
+                () = listener_changed(&ctx.state, &origin.listener) => {
+                    info.draining.store(true, Ordering::Relaxed);
+                    if info.http2.load(Ordering::Relaxed) {
+                        served.as_mut().graceful_shutdown();
+                    }
+                    tokio::select! {
+                        _ = served.as_mut() => return,
+                        () = tokio::time::sleep(ctx.listener_drain) => {}
+                        () = stopped(&mut stop, ctx) => {}
+                    }
                     served.as_mut().graceful_shutdown();
                     let _ = served.await;
                 }

@@ -1,16 +1,26 @@
 //! The TCP proxy filter: one upstream connection per downstream connection, bytes copied both ways.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll},
+};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 use tracing::debug;
 use weft_certs::SpiffeId;
 use weft_telemetry::TcpLabels;
 
-use crate::{Ctx, lb, model::TcpConfig, mtls::Upstream};
+use crate::{
+    Ctx, lb,
+    listeners::{Origin, authorization_revoked},
+    model::{ListenerKind, TcpConfig},
+    mtls::Upstream,
+};
 
 /// The downstream side of a proxied connection.
 pub struct Downstream<'a> {
@@ -22,6 +32,8 @@ pub struct Downstream<'a> {
     pub inbound: bool,
     /// Who the client proved to be over mTLS.
     pub source_principal: Option<&'a SpiffeId>,
+    /// The listener config it was accepted under, to check it again when that changes.
+    pub origin: &'a Origin,
 }
 
 pub async fn proxy<IO>(mut downstream: IO, conn: Downstream<'_>, config: &TcpConfig, ctx: &Ctx)
@@ -34,6 +46,7 @@ where
         listener,
         inbound,
         source_principal,
+        origin,
     } = conn;
     let (start, start_wall) = (tokio::time::Instant::now(), std::time::SystemTime::now());
     let log = |termination: &str,
@@ -56,15 +69,15 @@ where
             ctx.access_log.write(path, &line);
         }
     };
+    let facts = weft_policy::Request {
+        source_principal: source_principal.map(crate::istio_principal),
+        source_ip: Some(peer.ip()),
+        remote_ip: None,
+        destination_ip: Some(target.ip()),
+        destination_port: target.port(),
+        http: None,
+    };
     if !config.rbac.is_empty() {
-        let facts = weft_policy::Request {
-            source_principal: source_principal.map(crate::istio_principal),
-            source_ip: Some(peer.ip()),
-            remote_ip: None,
-            destination_ip: Some(target.ip()),
-            destination_port: target.port(),
-            http: None,
-        };
         let (decision, _) = weft_policy::rbac::decide(&config.rbac, &facts);
         if !decision.allowed() {
             // As Envoy's network RBAC: the connection is closed without a byte.
@@ -100,6 +113,7 @@ where
         (Some(c), Some(e)) if e.tls => c.tcp_tls.as_ref(),
         _ => None,
     };
+    let mut termination = "";
     let result = match (destination, &cluster) {
         (Ok(dst), Some(c)) => {
             let connecting = async {
@@ -113,9 +127,37 @@ where
                         labels.destination_principal = id.to_string();
                         labels.connection_security_policy = "mutual_tls".into();
                     }
-                    tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
-                        .await
-                        .map_err(|_| "-")
+                    // A connection lives as long as its authorization: checked again whenever
+                    // its listener changes, after the drain period.
+                    let still_allowed = |kind: &ListenerKind| match kind {
+                        ListenerKind::Tcp(t) => {
+                            weft_policy::rbac::decide(&t.rbac, &facts).0.allowed()
+                        }
+                        ListenerKind::Http(_) => false,
+                    };
+                    let (from_down, from_up) = (AtomicU64::new(0), AtomicU64::new(0));
+                    let copied = || {
+                        (
+                            from_down.load(Ordering::Relaxed),
+                            from_up.load(Ordering::Relaxed),
+                        )
+                    };
+                    let mut down = Counted {
+                        io: &mut downstream,
+                        read: &from_down,
+                    };
+                    let mut up = Counted {
+                        io: &mut upstream,
+                        read: &from_up,
+                    };
+                    tokio::select! {
+                        r = tokio::io::copy_bidirectional(&mut down, &mut up) => r.map_err(|_| "-"),
+                        () = authorization_revoked(ctx.state.clone(), ctx.listener_drain, origin, still_allowed) => {
+                            debug!(%peer, listener, "closing a connection the listener's new config no longer authorizes");
+                            termination = REVOKED;
+                            Ok(copied())
+                        }
+                    }
                 }
                 Ok(Err(e)) => {
                     debug!(%peer, listener, error = %e, "upstream connection failed");
@@ -130,7 +172,7 @@ where
     let upstream = cluster.as_deref().map(|c| (c, destination.ok()));
     match result {
         Ok((from_downstream, to_downstream)) => {
-            log("", "-", (from_downstream, to_downstream), upstream);
+            log(termination, "-", (from_downstream, to_downstream), upstream);
             ctx.metrics
                 .tcp_received_bytes
                 .get_or_create(&labels)
@@ -153,6 +195,47 @@ where
         .tcp_connections_closed
         .get_or_create(&labels)
         .inc();
+}
+
+/// Termination details of a connection closed because a changed listener no longer authorizes it.
+const REVOKED: &str = "rbac_access_denied_after_listener_update";
+
+/// An IO that counts the bytes read from it, so a connection closed mid-copy still reports them.
+struct Counted<'a, IO> {
+    io: &'a mut IO,
+    read: &'a AtomicU64,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<'_, IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<'_, IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
 }
 
 /// Connects from `source` when the cluster asks for it (inbound passthrough binds 127.0.0.6).
