@@ -309,6 +309,73 @@ async fn load_balancing_policies_spread_requests() {
     }
 }
 
+/// LEAST_REQUEST under concurrency: a slow endpoint gets fewer requests than an idle one, and requests
+/// abandoned by a route timeout stop counting, so no endpoint is avoided for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_prefers_idle_endpoints_and_abandoned_requests_stop_counting() {
+    let rules = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: backend, namespace: test}}\nspec:\n  hosts: [backend]\n  http:\n  - match: [{{uri: {{prefix: /impatient}}}}]\n    timeout: 50ms\n    route: [{{destination: {{host: backend}}}}]\n  - route: [{{destination: {{host: backend}}}}]\n",
+        lb_rule("LEAST_REQUEST")
+    );
+    let s = Scenario::new(&["slow", "fast"], &rules).await;
+    let mut state = s.client.state.clone();
+    wait_for("LEAST_REQUEST", Duration::from_secs(10), || {
+        let st = state.borrow_and_update().clone();
+        async move {
+            st.clusters
+                .get(CLUSTER)
+                .filter(|c| {
+                    c.config.lb == weft_proxy::model::LbPolicy::LeastRequest
+                        && c.endpoints.len() == 2
+                })
+                .map(|_| ())
+        }
+    })
+    .await;
+    s.control("backend-slow")
+        .delay_ms
+        .store(300, Ordering::SeqCst);
+    let mut served = std::collections::HashMap::<String, usize>::new();
+    for _ in 0..4 {
+        let wave = futures::future::join_all((0..10).map(|_| s.get("/", &[]))).await;
+        for r in wave {
+            assert_eq!(r.status, StatusCode::OK);
+            *served.entry(r.backend()).or_default() += 1;
+        }
+    }
+    let (slow, fast) = (served["backend-slow"], served["backend-fast"]);
+    assert!(
+        slow < fast,
+        "the busy endpoint got {slow}, the idle one {fast}"
+    );
+
+    // Requests the route timeout abandons while the slow endpoint holds them.
+    let abandoned = futures::future::join_all((0..10).map(|_| s.get("/impatient", &[]))).await;
+    assert!(
+        abandoned
+            .iter()
+            .any(|r| r.status == StatusCode::GATEWAY_TIMEOUT),
+        "some went to the slow endpoint and timed out"
+    );
+    s.control("backend-slow")
+        .delay_ms
+        .store(0, Ordering::SeqCst);
+    wait_for(
+        "in-flight counts back to zero",
+        Duration::from_secs(5),
+        || async {
+            let (_, text) = get_text(s.client.admin, "/clusters").await.ok()?;
+            let active: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(CLUSTER) && l.contains("::rq_active::"))
+                .collect();
+            (active.len() == 2 && active.iter().all(|l| l.ends_with("::rq_active::0")))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 const RESILIENCE: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService

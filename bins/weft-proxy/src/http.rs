@@ -743,7 +743,9 @@ async fn forward(
             if cluster.config.http2 {
                 *upstream_req.version_mut() = http::Version::HTTP_2;
             }
-            endpoint.active.fetch_add(1, Ordering::Relaxed);
+            // Counted until the response body ends; dropped with the attempt if it fails, times out
+            // or the client goes away, so the count always comes back down.
+            let in_flight = lb::InFlight::start(&endpoint);
             let call = cluster.client.request(upstream_req);
             let result = match retry.and_then(|r| r.per_try_timeout) {
                 Some(t) => tokio::time::timeout(t, call)
@@ -751,7 +753,6 @@ async fn forward(
                     .map_err(|_| Failure::Timeout),
                 None => Ok(call.await),
             };
-            endpoint.active.fetch_sub(1, Ordering::Relaxed);
             let failure = match result {
                 Ok(Ok(resp)) => {
                     let status = resp.status();
@@ -771,7 +772,7 @@ async fn forward(
                         backoff(retry.map_or(Duration::ZERO, |r| r.base_backoff), attempt).await;
                         continue;
                     }
-                    return Ok((resp, endpoint));
+                    return Ok((resp, endpoint, in_flight));
                 }
                 Ok(Err(e)) if e.is_connect() => Failure::Connect,
                 Ok(Err(_)) => Failure::Reset,
@@ -822,7 +823,7 @@ async fn forward(
         None => attempts.await,
     };
     match result {
-        Ok((mut resp, endpoint)) => {
+        Ok((mut resp, endpoint, in_flight)) => {
             let status = resp.status();
             if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, status) {
                 let up = hyper::upgrade::on(&mut resp);
@@ -855,7 +856,11 @@ async fn forward(
                 status == StatusCode::SWITCHING_PROTOCOLS,
             );
             apply_response_headers(&mut rparts.headers, &choice.headers);
-            let resp = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
+            let body = lb::WithInFlight {
+                body: rbody,
+                _in_flight: in_flight,
+            };
+            let resp = Response::from_parts(rparts, body.map_err(Into::into).boxed());
             (
                 resp,
                 Outcome {

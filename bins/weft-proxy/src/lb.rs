@@ -74,6 +74,48 @@ pub fn pick_endpoint(
     })
 }
 
+/// A request in flight to an endpoint, counted for `LEAST_REQUEST` while the guard lives.
+pub struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    pub fn start(endpoint: &Arc<EndpointState>) -> Self {
+        endpoint.active.fetch_add(1, Ordering::Relaxed);
+        Self(endpoint.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted until it ends or is dropped.
+pub struct WithInFlight<B> {
+    pub body: B,
+    pub _in_flight: InFlight,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for WithInFlight<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{collections::HashMap, sync::atomic::AtomicUsize};

@@ -71,6 +71,16 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
+/// The upstream chooses the `grpc-status` header, so it becomes a label only as one of gRPC's 17 codes;
+/// anything else is `unknown`, and no upstream can mint series.
+fn grpc_status_label(value: Option<&::http::HeaderValue>) -> String {
+    match value.map(|v| v.to_str().ok().and_then(|s| s.parse::<u8>().ok())) {
+        None => String::new(),
+        Some(Some(code)) if code <= 16 => code.to_string(),
+        Some(_) => "unknown".into(),
+    }
+}
+
 /// Istio writes principals without the scheme: `cluster.local/ns/x/sa/y`.
 fn istio_principal(id: &weft_certs::SpiffeId) -> String {
     let full = id.to_string();
@@ -155,11 +165,7 @@ impl Ctx {
             .into(),
             request_protocol: if grpc { "grpc" } else { "http" }.into(),
             response_code: o.status.as_u16().to_string(),
-            grpc_response_status: resp_headers
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string(),
+            grpc_response_status: grpc_status_label(resp_headers.get("grpc-status")),
             response_flags: o.flags.to_string(),
             connection_security_policy: if conn.inbound { "none" } else { "unknown" }.into(),
             destination_service: or_unknown(&dest_service),
@@ -270,4 +276,26 @@ struct Outcome<'a> {
     flags: &'a str,
     cluster: Option<&'a ClusterState>,
     endpoint: Option<&'a EndpointState>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_status_labels_are_grpcs_codes_only() {
+        let label = |v: &str| {
+            super::grpc_status_label(Some(&::http::HeaderValue::from_str(v).expect("value")))
+        };
+        assert_eq!(super::grpc_status_label(None), "");
+        assert_eq!(label("0"), "0");
+        assert_eq!(label("16"), "16");
+        for bad in [
+            "17",
+            "-1",
+            "007x",
+            "a-new-series-per-response",
+            "999999999999",
+        ] {
+            assert_eq!(label(bad), "unknown", "{bad}");
+        }
+    }
 }

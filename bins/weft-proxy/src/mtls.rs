@@ -106,6 +106,30 @@ impl TlsConfigs {
     }
 }
 
+impl TlsConfigs {
+    /// Drops the configs no listener or cluster uses any more: their keys are whatever xDS sent, so
+    /// the caches would otherwise grow with every peer list a config ever named.
+    pub fn retain(
+        &self,
+        server_used: impl Fn(&DownstreamTls) -> bool,
+        client_used: impl Fn(&UpstreamTls) -> bool,
+    ) {
+        if let Ok(mut servers) = self.servers.lock() {
+            servers.retain(|k, _| server_used(k));
+        }
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.retain(|(k, _), _| client_used(k));
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn cached(&self) -> (usize, usize) {
+        let servers = self.servers.lock().map_or(0, |m| m.len());
+        let clients = self.clients.lock().map_or(0, |m| m.len());
+        (servers, clients)
+    }
+}
+
 fn no_identity() -> io::Error {
     io::Error::other("mTLS is configured but this proxy has no identity (set CA_ADDR)")
 }
@@ -210,5 +234,42 @@ impl tower::Service<http::Uri> for MeshConnector {
             let (stream, _) = Upstream::over(tcp, tls).await?;
             Ok(TokioIo::new(stream))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    #[test]
+    fn configs_no_cluster_uses_are_dropped() {
+        let ca = weft_certs::Ca::self_signed(
+            "cluster.local",
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .expect("ca");
+        let me = SpiffeId::new("cluster.local", "demo", "web");
+        let configs = TlsConfigs::default();
+        configs.set_identity(IdentityCell::new(
+            ca.issue(&me, SystemTime::now(), Duration::from_secs(3600))
+                .expect("issued"),
+        ));
+        let upstream = |i: usize| UpstreamTls {
+            sni: format!("outbound_.80_._.svc-{i}"),
+            alpn: vec!["istio".into()],
+            peers: vec![format!("spiffe://cluster.local/ns/demo/sa/peer-{i}")],
+        };
+        for i in 0..50 {
+            configs
+                .client(&upstream(i), Some(ALPN_HTTP11))
+                .expect("client config");
+        }
+        assert_eq!(configs.cached(), (0, 50));
+        let kept = upstream(7);
+        configs.retain(|_| false, |u| *u == kept);
+        assert_eq!(configs.cached(), (0, 1));
     }
 }

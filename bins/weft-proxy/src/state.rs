@@ -150,6 +150,24 @@ impl XdsHandler {
         self.state.borrow().clone()
     }
 
+    /// Empties the TLS caches of what the applied config no longer names.
+    fn prune_tls(&self) {
+        let s = self.current();
+        let servers: std::collections::HashSet<&model::DownstreamTls> = s
+            .listeners
+            .values()
+            .flat_map(|l| &l.chains)
+            .filter_map(|c| c.tls.as_ref())
+            .collect();
+        let clients: std::collections::HashSet<&model::UpstreamTls> = s
+            .clusters
+            .values()
+            .filter_map(|c| upstream_tls(&c.config))
+            .collect();
+        self.tls
+            .retain(|d| servers.contains(d), |u| clients.contains(u));
+    }
+
     fn publish(&self, update: impl FnOnce(&mut ProxyState)) {
         let cur = self.current();
         let mut next = ProxyState {
@@ -287,6 +305,9 @@ impl Handler for XdsHandler {
                 });
             }
             other => return Err(format!("type {other} is not supported by weft-proxy")),
+        }
+        if matches!(t, type_url::CLUSTER | type_url::LISTENER) {
+            self.prune_tls();
         }
         Ok(())
     }

@@ -267,18 +267,24 @@ fn first_node(
     Ok(node)
 }
 
-/// The subscribed types in push order: clusters, endpoints, listeners, routes, then any others.
+/// The subscribed types in push order: clusters, endpoints, listeners, routes.
 fn push_order<'a>(subscribed: impl Iterator<Item = &'a String>) -> Vec<String> {
     let subscribed: Vec<&String> = subscribed.collect();
-    let known = type_url::PUSH_ORDER
+    type_url::PUSH_ORDER
         .iter()
         .filter(|t| subscribed.iter().any(|s| s == *t))
-        .map(|t| t.to_string());
-    let others = subscribed
-        .iter()
-        .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
-        .map(|t| t.to_string());
-    known.chain(others).collect()
+        .map(|t| t.to_string())
+        .collect()
+}
+
+/// Whether weftd serves this type. A request for any other is ignored before it costs anything: the
+/// client chooses the string, so it must never become a metric label or a key of per-stream state.
+fn served(type_url: &str) -> bool {
+    let known = type_url::PUSH_ORDER.contains(&type_url);
+    if !known {
+        debug!(type_url = %type_url.chars().take(200).collect::<String>(), "ignoring a request for a type weftd does not serve");
+    }
+    known
 }
 
 // === State of the world ===
@@ -369,6 +375,9 @@ impl Protocol for SotwState {
             )?;
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
+        }
+        if !served(&req.type_url) {
+            return Ok(());
         }
         let labels = XdsMetrics::labels(&req.type_url);
         let node_id = self.node_id().to_string();
@@ -522,6 +531,9 @@ impl Protocol for DeltaState {
             let node = first_node(req.node.as_ref(), "delta", self.caller.as_ref())?;
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
+        }
+        if !served(&req.type_url) {
+            return Ok(());
         }
         let labels = XdsMetrics::labels(&req.type_url);
         let node_id = self.node.as_ref().map_or("", |n| n.id.as_str()).to_string();

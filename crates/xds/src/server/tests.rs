@@ -256,3 +256,32 @@ fn on_an_mtls_port_the_certificate_decides_namespace_and_service_account() {
         err.message()
     );
 }
+
+#[test]
+fn types_weftd_does_not_serve_cost_nothing() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = XdsMetrics::new(&mut registry);
+    let mut sotw = SotwState::new(metrics.clone(), None);
+    let mut delta = DeltaState::new(metrics.clone(), None);
+    let g = snapshot(&[("a", 1)]);
+    for i in 0..1000 {
+        let t = format!("type.googleapis.com/attacker.Chosen{i}");
+        sotw.on_request(req(&t, &[], "", "x"), &g).expect("ignored");
+        delta
+            .on_request(
+                DeltaDiscoveryRequest {
+                    node: node(),
+                    type_url: t,
+                    response_nonce: "x".into(),
+                    ..Default::default()
+                },
+                &g,
+            )
+            .expect("ignored");
+    }
+    assert!(sotw.types.is_empty() && delta.types.is_empty());
+    assert!(sotw.pending.is_empty() && delta.pending.is_empty());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(!text.contains("attacker"), "{text}");
+}
