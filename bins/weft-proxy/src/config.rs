@@ -149,22 +149,21 @@ impl Config {
                 });
             }
         };
-        let label = |k: &str| labels.get(k).and_then(Value::as_str).map(str::to_string);
-        let app = label("app")
-            .or_else(|| label("app.kubernetes.io/name"))
-            .unwrap_or_else(|| pod.clone());
-        let version = label("version").unwrap_or_else(|| "latest".into());
+        let string_labels: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect();
+        use weft_telemetry::workload;
+        let app =
+            workload::canonical_name(&string_labels).map_or_else(|| pod.clone(), str::to_string);
+        let version = workload::canonical_revision(&string_labels)
+            .unwrap_or("latest")
+            .to_string();
         let workload_name = metadata
             .get("WORKLOAD_NAME")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .unwrap_or_else(|| {
-                if label("version").is_some() {
-                    format!("{app}-{version}")
-                } else {
-                    app.clone()
-                }
-            });
+            .unwrap_or_else(|| workload::workload_name(&string_labels, Some(&pod)));
         let listener_drain = match get(ENV_LISTENER_DRAIN) {
             None => DEFAULT_LISTENER_DRAIN,
             Some(t) => parse_go_duration(&t).ok_or_else(|| ConfigError::Invalid {

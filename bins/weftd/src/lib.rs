@@ -88,4 +88,49 @@ impl Model {
             .iter()
             .find(|vs| translate::vs_applies(vs, svc))
     }
+
+    /// Hosts that several VirtualServices or DestinationRules apply to. One of each applies per host,
+    /// the first in load order (files by name, then documents in order), as `virtual_service_for`
+    /// and `destination_rule_for` pick; the others are reported so an operator knows which was
+    /// ignored, as `istioctl analyze` reports the conflict.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        let name = |m: &weft_api::ObjectMeta| format!("{}/{}", m.namespace(), m.name);
+        let mut out = Vec::new();
+        for svc in self.registry.services.values() {
+            let vs: Vec<String> = self
+                .virtual_services
+                .iter()
+                .filter(|vs| translate::vs_applies(vs, svc))
+                .map(|vs| name(&vs.metadata))
+                .collect();
+            let dr: Vec<String> = self
+                .destination_rules
+                .iter()
+                .filter(|dr| translate::dr_applies(dr, svc))
+                .map(|dr| name(&dr.metadata))
+                .collect();
+            for (kind, all) in [("VirtualService", vs), ("DestinationRule", dr)] {
+                if let [used, ignored @ ..] = all.as_slice()
+                    && !ignored.is_empty()
+                {
+                    out.push(Conflict {
+                        host: svc.hostname.clone(),
+                        kind,
+                        used: used.clone(),
+                        ignored: ignored.to_vec(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Several resources of one kind for one host: which one is used, and which are not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub host: String,
+    pub kind: &'static str,
+    pub used: String,
+    pub ignored: Vec<String>,
 }

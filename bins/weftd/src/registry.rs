@@ -135,7 +135,7 @@ impl Registry {
                         endpoints.push(Endpoint {
                             address: address.clone(),
                             ports: ports.clone(),
-                            workload_name: workload_name(
+                            workload_name: weft_telemetry::workload::workload_name(
                                 &labels,
                                 pod.map(|p| p.metadata.name.as_str()),
                             ),
@@ -222,19 +222,6 @@ pub fn fqdn(host: &str, namespace: &str) -> String {
     }
 }
 
-/// Istio's `workload` name: the `app` label's owner is not known in a YAML directory, so the pod's
-/// `app.kubernetes.io/name`/`app` label stands in, then the pod name.
-fn workload_name(labels: &BTreeMap<String, String>, pod: Option<&str>) -> String {
-    let app = labels
-        .get("app.kubernetes.io/name")
-        .or_else(|| labels.get("app"));
-    match (app, labels.get("version")) {
-        (Some(app), Some(version)) => format!("{app}-{version}"),
-        (Some(app), None) => app.clone(),
-        _ => pod.unwrap_or("unknown").to_string(),
-    }
-}
-
 fn port_key(name: Option<&str>, number: u16) -> String {
     name.map(str::to_string)
         .unwrap_or_else(|| number.to_string())
@@ -272,7 +259,7 @@ fn workload_entry(we: &WorkloadEntrySpec, ns: &str, name: Option<&str>) -> Endpo
     Endpoint {
         address: we.address.clone(),
         ports: we.ports.clone(),
-        workload_name: workload_name(&we.labels, name),
+        workload_name: weft_telemetry::workload::workload_name(&we.labels, name),
         labels: we.labels.clone(),
         weight: we.weight.unwrap_or(1).max(1),
         healthy: true,

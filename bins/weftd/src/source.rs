@@ -25,6 +25,10 @@ pub fn load(dir: &Path, mesh: &MeshOptions) -> Result<Model, weft_api::LoadError
         warn!(file = %r.file, kind = %r.kind, name = %r.name, reason = %r.reason, "skipping invalid resource");
     }
     let model = Model::build(&resources, mesh.clone());
+    for c in model.conflicts() {
+        warn!(host = %c.host, kind = c.kind, used = %c.used, ignored = ?c.ignored,
+            "several resources of one kind apply to this host; only the first in load order (files by name, then documents in order) is used");
+    }
     info!(dir = %dir.display(), services = model.registry.services.len(), virtual_services = model.virtual_services.len(),
         destination_rules = model.destination_rules.len(), sidecars = model.sidecars.len(), skipped = rejected.len(), "config loaded");
     Ok(model)

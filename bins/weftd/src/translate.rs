@@ -551,16 +551,10 @@ fn load_assignment(
         .map(|e| {
             let target = e.ports.get(&port.name).copied().unwrap_or(port.number);
             // Istio's `workload` metadata: name;namespace;canonical name;revision;cluster.
-            let app = e
-                .labels
-                .get("app")
-                .cloned()
-                .unwrap_or_else(|| e.workload_name.clone());
-            let version = e
-                .labels
-                .get("version")
-                .cloned()
-                .unwrap_or_else(|| "latest".into());
+            let app =
+                weft_telemetry::workload::canonical_name(&e.labels).unwrap_or(&e.workload_name);
+            let version =
+                weft_telemetry::workload::canonical_revision(&e.labels).unwrap_or("latest");
             let workload = format!(
                 "{};{};{app};{version};Kubernetes",
                 e.workload_name, e.namespace

@@ -1,6 +1,7 @@
 //! weft-telemetry: tracing setup, shutdown signals, and Istio's standard proxy metrics.
 
 mod istio;
+pub mod workload;
 
 pub use istio::{DenialLabels, IstioMetrics, RequestLabels, TcpLabels};
 

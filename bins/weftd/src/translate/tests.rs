@@ -298,3 +298,31 @@ spec: {{serviceAccountName: db}}
     weft_api::parse_manifests("db.yaml", &yaml(&dr("SIMPLE")), &mut r, &mut rejected);
     assert!(rejected[0].reason.contains("SIMPLE"), "{rejected:?}");
 }
+
+#[test]
+fn a_second_virtual_service_for_a_host_is_reported_with_the_one_used() {
+    let mut r = weft_api::Resources::default();
+    let mut rejected = Vec::new();
+    let extra = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: backend-later, namespace: demo}\nspec:\n  hosts: [backend]\n  http: [{route: [{destination: {host: backend}}]}]\n";
+    weft_api::parse_manifests(
+        "demo.yaml",
+        include_str!("../../tests/fixtures/demo-like.yaml"),
+        &mut r,
+        &mut rejected,
+    );
+    weft_api::parse_manifests("z.yaml", extra, &mut r, &mut rejected);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let model = Model::build(&r, MeshOptions::default());
+    let conflicts = model.conflicts();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].kind, "VirtualService");
+    assert_eq!(conflicts[0].host, HOST);
+    assert_eq!(conflicts[0].ignored, ["demo/backend-later"]);
+    assert!(
+        model
+            .conflicts()
+            .iter()
+            .all(|c| c.used != "demo/backend-later")
+    );
+    assert!(self::model().conflicts().is_empty());
+}
