@@ -46,6 +46,14 @@ fn peer(conn: &rustls::CommonState) -> Peer {
     }
 }
 
+/// Whether `sni` can be sent as a TLS server name, so a config that names one that cannot is refused
+/// when it arrives rather than failing every connection later.
+pub fn check_server_name(sni: &str) -> Result<(), String> {
+    ServerName::try_from(sni.to_string())
+        .map(|_| ())
+        .map_err(|e| format!("SNI {sni:?} is not a valid TLS server name: {e}"))
+}
+
 /// Completes a server handshake on `io`.
 pub async fn accept<IO>(config: &ServerTls, io: IO) -> io::Result<(ServerStream<IO>, Peer)>
 where
@@ -75,4 +83,18 @@ where
         .await?;
     let peer = peer(stream.get_ref().1);
     Ok((stream, peer))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_names_are_checked_before_use() {
+        assert_eq!(
+            super::check_server_name("outbound_.9080_._.reviews.demo.svc.cluster.local"),
+            Ok(())
+        );
+        for bad in ["outbound_.80_._.10.1.2.3", "", "a b", "outbound_.80_._.[::1]"] {
+            assert!(super::check_server_name(bad).is_err(), "{bad}");
+        }
+    }
 }

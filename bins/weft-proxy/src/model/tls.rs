@@ -60,6 +60,17 @@ pub(super) fn upstream(
             "only common_tls_context and sni are supported in UpstreamTlsContext",
         ));
     }
+    // Checked now, so a name rustls would refuse fails this update, not every connection after it.
+    let sni_field = format!("{field}.sni");
+    if ctx.sni.is_empty() {
+        return Err(reject(
+            kind,
+            name,
+            &sni_field,
+            "an SNI is required (weft-proxy sends one on every TLS connection)",
+        ));
+    }
+    weft_certs::check_server_name(&ctx.sni).map_err(|e| reject(kind, name, &sni_field, e))?;
     let (alpn, peers) = common(ctx.common_tls_context.as_ref(), kind, name, field)?;
     Ok(Some(UpstreamTls {
         sni: ctx.sni,
