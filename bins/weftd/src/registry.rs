@@ -86,6 +86,9 @@ pub struct Service {
     pub addresses: Vec<String>,
     pub ports: Vec<Port>,
     pub endpoints: Vec<Endpoint>,
+    /// A ServiceEntry's `location: MESH_EXTERNAL` (its default): its endpoints run no sidecar, so no
+    /// auto mTLS and no workload in metrics, as Istio treats them.
+    pub mesh_external: bool,
 }
 
 impl Service {
@@ -165,6 +168,7 @@ impl Registry {
                         .collect(),
                     ports,
                     endpoints,
+                    mesh_external: false,
                 },
             );
         }
@@ -200,6 +204,7 @@ impl Registry {
                         addresses: se.spec.addresses.clone(),
                         ports: ports.clone(),
                         endpoints: endpoints.clone(),
+                        mesh_external: se.spec.location.as_deref() != Some("MESH_INTERNAL"),
                     },
                 );
             }

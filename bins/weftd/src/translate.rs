@@ -559,10 +559,16 @@ fn load_assignment(
                 "{};{};{app};{version};Kubernetes",
                 e.workload_name, e.namespace
             );
-            let meta =
-                serde_json::Map::from_iter([("workload".to_string(), Value::String(workload))]);
+            // External endpoints are no mesh workload: metrics say `unknown` for them, as Istio's do.
+            let meta = if svc.mesh_external {
+                serde_json::Map::new()
+            } else {
+                serde_json::Map::from_iter([("workload".to_string(), Value::String(workload))])
+            };
             let mut metadata = istio_metadata(meta);
-            mtls::endpoint_metadata(e, &mut metadata);
+            if !svc.mesh_external {
+                mtls::endpoint_metadata(e, &mut metadata);
+            }
             lb_endpoint(&e.address, target, e.weight, e.healthy, Some(metadata))
         })
         .collect();

@@ -93,7 +93,12 @@ mod tests {
             super::check_server_name("outbound_.9080_._.reviews.demo.svc.cluster.local"),
             Ok(())
         );
-        for bad in ["outbound_.80_._.10.1.2.3", "", "a b", "outbound_.80_._.[::1]"] {
+        for bad in [
+            "outbound_.80_._.10.1.2.3",
+            "",
+            "a b",
+            "outbound_.80_._.[::1]",
+        ] {
             assert!(super::check_server_name(bad).is_err(), "{bad}");
         }
     }

@@ -111,6 +111,8 @@ pub(super) fn cluster_tls(
     let endpoints: Vec<_> = match mode {
         Some("DISABLE") => return,
         Some("ISTIO_MUTUAL") => in_subset().collect(),
+        // Auto mTLS is for the mesh's own workloads; an external service's labels do not make it one.
+        _ if svc.mesh_external => return,
         _ => in_subset().filter(|e| has_sidecar(e)).collect(),
     };
     if endpoints.is_empty() && mode.is_none() {

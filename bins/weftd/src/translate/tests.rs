@@ -326,3 +326,38 @@ fn a_second_virtual_service_for_a_host_is_reported_with_the_one_used() {
     );
     assert!(self::model().conflicts().is_empty());
 }
+
+#[test]
+fn service_entry_location_decides_auto_mtls_and_workload_metadata() {
+    let cluster = |location: &str| {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: demo}}\nspec:\n  hosts: [api.example.com]\n  location: {location}\n  resolution: STATIC\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  endpoints: [{{address: 10.9.0.1, serviceAccount: api, labels: {{app: api, security.istio.io/tlsMode: istio}}}}]\n"
+        );
+        let mut r = weft_api::Resources::default();
+        let mut rejected = Vec::new();
+        weft_api::parse_manifests("se.yaml", &yaml, &mut r, &mut rejected);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let snap = generate(
+            &Model::build(&r, MeshOptions::default()),
+            &proxy("web", "10.0.0.9"),
+        );
+        let name = "outbound|443||api.example.com";
+        let cluster: Cluster = snap.get(name).expect("cluster");
+        let cla: ClusterLoadAssignment = snap.get(name).expect("endpoints");
+        let meta = cla.endpoints[0].lb_endpoints[0]
+            .metadata
+            .clone()
+            .unwrap_or_default();
+        let workload = meta
+            .filter_metadata
+            .get("istio")
+            .is_some_and(|s| weft_xds::structs::struct_to_json(s).contains_key("workload"));
+        (cluster.transport_socket_matches.len(), workload)
+    };
+    assert_eq!(cluster("MESH_INTERNAL"), (2, true));
+    assert_eq!(
+        cluster("MESH_EXTERNAL"),
+        (0, false),
+        "no mTLS to the outside"
+    );
+}
