@@ -3,7 +3,7 @@
 
 use weft_api::{
     Object,
-    istio::{AuthorizationPolicySpec, RuleOperation, RuleSource},
+    istio::{AuthorizationAction, AuthorizationPolicySpec, RuleOperation, RuleSource},
     labels_match,
 };
 use weft_policy::{Action, Condition, Operation, Policy, Rule, Source};
@@ -34,11 +34,18 @@ pub fn policies_for(model: &Model, proxy: &Proxy) -> Vec<Policy> {
 }
 
 fn convert(p: &Object<AuthorizationPolicySpec>) -> Policy {
-    let action = match p.spec.action.as_deref() {
-        Some("DENY") => Action::Deny,
-        Some("AUDIT") => Action::Audit,
-        // The loader refuses anything else; ALLOW is the default.
-        _ => Action::Allow,
+    let action = match p.spec.action {
+        Some(AuthorizationAction::Deny) => Action::Deny,
+        Some(AuthorizationAction::Audit) => Action::Audit,
+        None | Some(AuthorizationAction::Allow) => Action::Allow,
+        // The loader refuses CUSTOM; should one get here, it allows nothing rather than everything.
+        Some(AuthorizationAction::Custom) => {
+            return Policy {
+                name: format!("{}/{}", p.metadata.namespace(), p.metadata.name),
+                action: Action::Allow,
+                rules: Vec::new(),
+            };
+        }
     };
     let rules = p
         .spec

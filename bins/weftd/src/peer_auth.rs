@@ -3,7 +3,10 @@
 //! over the mesh-wide one in the root namespace; `UNSET` inherits from the next level, and with nothing
 //! set the mode is `PERMISSIVE`. `portLevelMtls` (selector policies only) overrides per port.
 
-use weft_api::{Object, istio::PeerAuthenticationSpec};
+use weft_api::{
+    Object,
+    istio::{self, PeerAuthenticationSpec},
+};
 
 use crate::{Model, authz::ROOT_NAMESPACE, translate::Proxy};
 
@@ -17,18 +20,18 @@ pub enum MtlsMode {
     Strict,
 }
 
-fn parse(mode: Option<&str>) -> Option<MtlsMode> {
+/// The mode a policy sets; `None` (no mode, or `UNSET`) inherits.
+fn parse(mode: Option<istio::MtlsMode>) -> Option<MtlsMode> {
     match mode? {
-        "DISABLE" => Some(MtlsMode::Disable),
-        "PERMISSIVE" => Some(MtlsMode::Permissive),
-        "STRICT" => Some(MtlsMode::Strict),
-        // UNSET, and anything validation let through, inherits.
-        _ => None,
+        istio::MtlsMode::Disable => Some(MtlsMode::Disable),
+        istio::MtlsMode::Permissive => Some(MtlsMode::Permissive),
+        istio::MtlsMode::Strict => Some(MtlsMode::Strict),
+        istio::MtlsMode::Unset => None,
     }
 }
 
 fn own_mode(p: &Object<PeerAuthenticationSpec>) -> Option<MtlsMode> {
-    parse(p.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()))
+    parse(p.spec.mtls.as_ref().and_then(|m| m.mode))
 }
 
 /// The mode for traffic to `port` (the workload's own port, after target-port mapping).
@@ -57,8 +60,8 @@ pub fn mode_for(model: &Model, proxy: &Proxy, port: u16) -> MtlsMode {
     workload
         .spec
         .port_level_mtls
-        .get(&port.to_string())
-        .and_then(|m| parse(m.mode.as_deref()))
+        .get(&port)
+        .and_then(|m| parse(m.mode))
         .unwrap_or(workload_mode)
 }
 

@@ -204,7 +204,8 @@ impl Registry {
                         addresses: se.spec.addresses.clone(),
                         ports: ports.clone(),
                         endpoints: endpoints.clone(),
-                        mesh_external: se.spec.location.as_deref() != Some("MESH_INTERNAL"),
+                        mesh_external: se.spec.location
+                            != Some(weft_api::istio::Location::MeshInternal),
                     },
                 );
             }

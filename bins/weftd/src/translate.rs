@@ -9,10 +9,10 @@ use tracing::warn;
 use weft_api::{
     Object,
     istio::{
-        Destination, DestinationRuleSpec, HeaderOperations, HttpMatchRequest, HttpRoute,
-        SidecarSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
+        Destination, DestinationRuleSpec, H2UpgradePolicy, HeaderOperations, HttpMatchRequest,
+        HttpRoute, SidecarSpec, SimpleLb, StringMatch, TrafficPolicy, VirtualServiceSpec,
     },
-    labels_match, parse_duration,
+    labels_match,
 };
 use weft_xds::{
     NodeInfo, ProxyId, Snapshot, pack,
@@ -423,8 +423,8 @@ fn http_protocol_options(
     let upgrade = policy
         .and_then(|p| p.connection_pool.as_ref())
         .and_then(|c| c.http.as_ref())
-        .and_then(|h| h.h2_upgrade_policy.as_deref())
-        == Some("UPGRADE");
+        .and_then(|h| h.h2_upgrade_policy)
+        == Some(H2UpgradePolicy::Upgrade);
     if !(protocol.is_http2() || (protocol.is_http() && upgrade)) {
         return None;
     }
@@ -444,19 +444,24 @@ fn http_protocol_options(
 fn outbound_cluster(name: &str, protocol: Protocol, policy: Option<&TrafficPolicy>) -> Cluster {
     let lb = policy
         .and_then(|p| p.load_balancer.as_ref())
-        .and_then(|lb| lb.simple.as_deref());
+        .and_then(|lb| lb.simple);
     let lb_policy = match lb {
-        Some("ROUND_ROBIN") => cluster::LbPolicy::RoundRobin,
-        Some("RANDOM") => cluster::LbPolicy::Random,
-        // Istio's default, and LEAST_CONN is its deprecated alias.
-        _ => cluster::LbPolicy::LeastRequest,
+        Some(SimpleLb::RoundRobin) => cluster::LbPolicy::RoundRobin,
+        Some(SimpleLb::Random) => cluster::LbPolicy::Random,
+        // Istio's default; LEAST_CONN is its deprecated alias. The loader refuses PASSTHROUGH.
+        None
+        | Some(
+            SimpleLb::Unspecified
+            | SimpleLb::LeastRequest
+            | SimpleLb::LeastConn
+            | SimpleLb::Passthrough,
+        ) => cluster::LbPolicy::LeastRequest,
     };
     let connect_timeout = policy
         .and_then(|p| p.connection_pool.as_ref())
         .and_then(|c| c.tcp.as_ref())
-        .and_then(|t| t.connect_timeout.as_deref())
-        .and_then(|t| parse_duration(t).ok())
-        .map(duration)
+        .and_then(|t| t.connect_timeout)
+        .map(|t| duration(t.0))
         .unwrap_or(wkt::Duration {
             seconds: DEFAULT_CONNECT_TIMEOUT_SECS,
             nanos: 0,
@@ -1184,19 +1189,11 @@ fn route_action(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> RouteActio
             num_retries: Some(wkt::UInt32Value {
                 value: retries.attempts,
             }),
-            per_try_timeout: retries
-                .per_try_timeout
-                .as_deref()
-                .and_then(|d| parse_duration(d).ok())
-                .map(duration),
-            retry_back_off: retries
-                .backoff
-                .as_deref()
-                .and_then(|d| parse_duration(d).ok())
-                .map(|d| retry_policy::RetryBackOff {
-                    base_interval: Some(duration(d)),
-                    ..Default::default()
-                }),
+            per_try_timeout: retries.per_try_timeout.map(|d| duration(d.0)),
+            retry_back_off: retries.backoff.map(|d| retry_policy::RetryBackOff {
+                base_interval: Some(duration(d.0)),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     };
@@ -1212,12 +1209,7 @@ fn route_action(model: &Model, r: &HttpRoute, ns: &str, port: u16) -> RouteActio
             .as_ref()
             .and_then(|rw| rw.authority.clone())
             .map(route_action::HostRewriteSpecifier::HostRewriteLiteral),
-        timeout: Some(duration(
-            r.timeout
-                .as_deref()
-                .and_then(|t| parse_duration(t).ok())
-                .unwrap_or_default(),
-        )),
+        timeout: Some(duration(r.timeout.unwrap_or_default().0)),
         retry_policy,
         ..Default::default()
     }

@@ -7,6 +7,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::values::{
+    AuthorizationAction, ClientTlsMode, H2UpgradePolicy, IstioDuration, Location, MtlsMode,
+    OutboundMode, Resolution, SimpleLb,
+};
+
 // === ServiceEntry and WorkloadEntry ===
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -18,9 +23,9 @@ pub struct ServiceEntrySpec {
     #[serde(default)]
     pub ports: Vec<ServiceEntryPort>,
     #[serde(default)]
-    pub location: Option<String>,
+    pub location: Option<Location>,
     #[serde(default)]
-    pub resolution: Option<String>,
+    pub resolution: Option<Resolution>,
     #[serde(default)]
     pub endpoints: Vec<WorkloadEntrySpec>,
     #[serde(default)]
@@ -98,9 +103,8 @@ pub struct HttpRoute {
     pub direct_response: Option<HttpDirectResponse>,
     #[serde(default)]
     pub rewrite: Option<HttpRewrite>,
-    /// Istio duration string, e.g. `1.5s`, `200ms`.
     #[serde(default)]
-    pub timeout: Option<String>,
+    pub timeout: Option<IstioDuration>,
     #[serde(default)]
     pub retries: Option<HttpRetry>,
     #[serde(default)]
@@ -212,11 +216,11 @@ pub struct HttpRewrite {
 pub struct HttpRetry {
     pub attempts: u32,
     #[serde(default)]
-    pub per_try_timeout: Option<String>,
+    pub per_try_timeout: Option<IstioDuration>,
     #[serde(default)]
     pub retry_on: Option<String>,
     #[serde(default)]
-    pub backoff: Option<String>,
+    pub backoff: Option<IstioDuration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,15 +302,14 @@ pub struct TrafficPolicy {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientTlsSettings {
     #[serde(default)]
-    pub mode: Option<String>,
+    pub mode: Option<ClientTlsMode>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSettings {
-    /// `ROUND_ROBIN`, `LEAST_REQUEST`, `LEAST_CONN` (an alias of it), `RANDOM`, `PASSTHROUGH`, `UNSPECIFIED`.
     #[serde(default)]
-    pub simple: Option<String>,
+    pub simple: Option<SimpleLb>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,15 +325,15 @@ pub struct ConnectionPoolSettings {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpSettings {
     #[serde(default)]
-    pub connect_timeout: Option<String>,
+    pub connect_timeout: Option<IstioDuration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpSettings {
-    /// `DEFAULT`, `DO_NOT_UPGRADE` or `UPGRADE` (speak HTTP/2 to the upstream).
+    /// `UPGRADE` speaks HTTP/2 to the upstream.
     #[serde(default)]
-    pub h2_upgrade_policy: Option<String>,
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,9 +344,9 @@ pub struct OutlierDetection {
     #[serde(default)]
     pub consecutive_gateway_errors: Option<u32>,
     #[serde(default)]
-    pub interval: Option<String>,
+    pub interval: Option<IstioDuration>,
     #[serde(default)]
-    pub base_ejection_time: Option<String>,
+    pub base_ejection_time: Option<IstioDuration>,
     #[serde(default)]
     pub max_ejection_percent: Option<u32>,
 }
@@ -412,7 +415,7 @@ pub struct IstioEgressListener {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundTrafficPolicy {
     #[serde(default)]
-    pub mode: Option<String>,
+    pub mode: Option<OutboundMode>,
 }
 
 // === security.istio.io ===
@@ -425,17 +428,16 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub mtls: Option<PeerAuthenticationMtls>,
-    /// Port number (as YAML writes map keys) to its mode.
+    /// Port number to its mode.
     #[serde(default)]
-    pub port_level_mtls: BTreeMap<String, PeerAuthenticationMtls>,
+    pub port_level_mtls: BTreeMap<u16, PeerAuthenticationMtls>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationMtls {
-    /// `UNSET`, `DISABLE`, `PERMISSIVE` or `STRICT`.
     #[serde(default)]
-    pub mode: Option<String>,
+    pub mode: Option<MtlsMode>,
 }
 
 /// `AuthorizationPolicy`. `rules` absent and `rules: []` both mean no rules (an ALLOW then denies all);
@@ -445,9 +447,9 @@ pub struct PeerAuthenticationMtls {
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
-    /// `ALLOW` (the default), `DENY`, `AUDIT`; `CUSTOM` is refused at load.
+    /// `ALLOW` when absent; `CUSTOM` is refused at load.
     #[serde(default)]
-    pub action: Option<String>,
+    pub action: Option<AuthorizationAction>,
     #[serde(default)]
     pub rules: Vec<AuthorizationRule>,
 }

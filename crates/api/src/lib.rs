@@ -9,6 +9,7 @@ pub mod istio;
 pub mod k8s;
 mod load;
 pub mod names;
+pub mod values;
 
 use std::collections::BTreeMap;
 

@@ -14,8 +14,9 @@ use serde_json::Value;
 use crate::{
     Object,
     istio::{
-        AuthorizationPolicySpec, DestinationRuleSpec, HttpRoute, PeerAuthenticationSpec,
-        ServiceEntrySpec, SidecarSpec, StringMatch, VirtualServiceSpec, WorkloadEntrySpec,
+        AuthorizationAction, AuthorizationPolicySpec, ClientTlsMode, DestinationRuleSpec,
+        HttpRoute, PeerAuthenticationSpec, Resolution, ServiceEntrySpec, SidecarSpec, SimpleLb,
+        StringMatch, VirtualServiceSpec, WorkloadEntrySpec,
     },
     k8s::{EndpointSlice, Pod, ServiceSpec},
     names,
@@ -324,14 +325,8 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
                     "metadata.annotations[{DRY_RUN_ANNOTATION}]: dry-run (shadow) policies are not supported yet; the policy is refused rather than enforced"
                 ));
             }
-            match ap.spec.action.as_deref() {
-                None | Some("ALLOW" | "DENY" | "AUDIT") => {}
-                Some("CUSTOM") => {
-                    return Err(
-                        "spec.action: CUSTOM (external authorization) is not supported".into(),
-                    );
-                }
-                Some(other) => return Err(format!("spec.action: unknown action {other}")),
+            if ap.spec.action == Some(AuthorizationAction::Custom) {
+                return Err("spec.action: CUSTOM (external authorization) is not supported".into());
             }
             for (i, rule) in ap.spec.rules.iter().enumerate() {
                 for (j, c) in rule.when.iter().enumerate() {
@@ -398,23 +393,23 @@ fn validate_service_entry(spec: &ServiceEntrySpec) -> Result<(), String> {
     for (i, host) in spec.hosts.iter().enumerate() {
         names::check_host(host).map_err(|e| format!("spec.hosts[{i}]: {e}"))?;
     }
-    match spec.resolution.as_deref() {
-        Some("STATIC") => {}
-        Some(r @ ("DNS" | "DNS_ROUND_ROBIN")) => {
+    match spec.resolution {
+        Some(Resolution::Static) => {}
+        Some(r @ (Resolution::Dns | Resolution::DnsRoundRobin)) => {
+            let r = if r == Resolution::Dns {
+                "DNS"
+            } else {
+                "DNS_ROUND_ROBIN"
+            };
             return Err(format!(
                 "spec.resolution: {r} is not supported yet (weft-proxy does not resolve hostnames); list the endpoints by IP address with resolution: STATIC"
             ));
         }
-        None | Some("NONE") => {
+        None | Some(Resolution::None) => {
             return Err(
                 "spec.resolution: NONE (Istio's default) forwards to the original destination, which Weft does not do for ServiceEntries yet; set resolution: STATIC with endpoints or a workloadSelector".into(),
             );
         }
-        Some(other) => return Err(format!("spec.resolution: unknown resolution {other}")),
-    }
-    match spec.location.as_deref() {
-        None | Some("MESH_EXTERNAL" | "MESH_INTERNAL") => {}
-        Some(other) => return Err(format!("spec.location: unknown location {other}")),
     }
     for (i, ep) in spec.endpoints.iter().enumerate() {
         ep.address.parse::<std::net::IpAddr>().map_err(|_| {
@@ -451,26 +446,6 @@ fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, String> {
 }
 
 fn validate_peer_authentication(spec: &PeerAuthenticationSpec) -> Result<(), String> {
-    let modes = spec
-        .mtls
-        .iter()
-        .map(|m| ("mtls.mode".to_string(), m))
-        .chain(
-            spec.port_level_mtls
-                .iter()
-                .map(|(port, m)| (format!("portLevelMtls[{port}].mode"), m)),
-        );
-    for (field, m) in modes {
-        if let Some(mode) = m.mode.as_deref()
-            && !matches!(mode, "UNSET" | "DISABLE" | "PERMISSIVE" | "STRICT")
-        {
-            return Err(format!("spec.{field}: unknown mode {mode}"));
-        }
-    }
-    for port in spec.port_level_mtls.keys() {
-        port.parse::<u16>()
-            .map_err(|_| format!("spec.portLevelMtls: {port:?} is not a port number"))?;
-    }
     if !spec.port_level_mtls.is_empty() && spec.selector.is_none() {
         return Err("spec.portLevelMtls needs a selector, as in Istio".into());
     }
@@ -504,14 +479,6 @@ fn validate_http_route(route: &HttpRoute) -> Result<(), String> {
             validate_string_match(sm).map_err(|e| format!("match[{j}]: {e}"))?;
         }
     }
-    if let Some(t) = &route.timeout {
-        parse_duration(t).map_err(|e| format!("timeout: {e}"))?;
-    }
-    if let Some(r) = &route.retries {
-        for d in r.per_try_timeout.iter().chain(&r.backoff) {
-            parse_duration(d).map_err(|e| format!("retries: {e}"))?;
-        }
-    }
     Ok(())
 }
 
@@ -538,36 +505,27 @@ fn validate_destination_rule(spec: &DestinationRuleSpec) -> Result<(), String> {
             .filter_map(|s| s.traffic_policy.as_ref()),
     );
     for p in policies {
-        if let Some(simple) = p.load_balancer.as_ref().and_then(|lb| lb.simple.as_deref())
-            && !matches!(
-                simple,
-                "UNSPECIFIED" | "ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM"
-            )
-        {
-            return Err(format!(
-                "trafficPolicy.loadBalancer.simple: {simple} is not supported"
-            ));
+        if p.load_balancer.as_ref().and_then(|lb| lb.simple) == Some(SimpleLb::Passthrough) {
+            return Err(
+                "trafficPolicy.loadBalancer.simple: PASSTHROUGH is not supported (weft-proxy balances over the endpoints it is given)".into(),
+            );
         }
         if p.outlier_detection.is_some() {
             return Err(
                 "trafficPolicy.outlierDetection: not supported yet (weft-proxy does not eject endpoints); the rule is refused so it cannot take other clusters down".into(),
             );
         }
-        if let Some(mode) = p.tls.as_ref().and_then(|t| t.mode.as_deref())
-            && !matches!(mode, "DISABLE" | "ISTIO_MUTUAL")
+        if let Some(mode @ (ClientTlsMode::Simple | ClientTlsMode::Mutual)) =
+            p.tls.as_ref().and_then(|t| t.mode)
         {
+            let mode = if mode == ClientTlsMode::Simple {
+                "SIMPLE"
+            } else {
+                "MUTUAL"
+            };
             return Err(format!(
                 "trafficPolicy.tls.mode: {mode} is not supported (DISABLE and ISTIO_MUTUAL are; SIMPLE and MUTUAL need client certificates Weft does not mount yet)"
             ));
-        }
-        if let Some(t) = p
-            .connection_pool
-            .as_ref()
-            .and_then(|c| c.tcp.as_ref())
-            .and_then(|t| t.connect_timeout.as_ref())
-        {
-            parse_duration(t)
-                .map_err(|e| format!("trafficPolicy.connectionPool.tcp.connectTimeout: {e}"))?;
         }
     }
     Ok(())
@@ -762,10 +720,8 @@ spec:
             "security policies select with matchLabels"
         );
         assert_eq!(
-            resources.peer_authentications[2].spec.port_level_mtls["8080"]
-                .mode
-                .as_deref(),
-            Some("DISABLE")
+            resources.peer_authentications[2].spec.port_level_mtls[&8080].mode,
+            Some(crate::values::MtlsMode::Disable)
         );
         assert_eq!(resources.authorization_policies.len(), 1);
         assert_eq!(

@@ -210,8 +210,8 @@ pub(super) fn generate(
     // Anything else leaves as it came, unless the Sidecar allows only what the registry knows.
     let registry_only = sidecar
         .and_then(|s| s.spec.outbound_traffic_policy.as_ref())
-        .and_then(|p| p.mode.as_deref())
-        == Some("REGISTRY_ONLY");
+        .and_then(|p| p.mode)
+        == Some(weft_api::istio::OutboundMode::RegistryOnly);
     let fallback = if registry_only {
         BLACKHOLE
     } else {

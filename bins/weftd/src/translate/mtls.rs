@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use super::*;
 use crate::peer_auth::MtlsMode;
+use weft_api::istio::ClientTlsMode;
 use weft_xds::pb::envoy::{
     config::{cluster::v3::cluster::TransportSocketMatch, core::v3::TransportSocket},
     extensions::transport_sockets::{
@@ -100,17 +101,17 @@ pub(super) fn cluster_tls(
     trust_domain: &str,
     policy: Option<&TrafficPolicy>,
 ) {
-    let mode = policy
-        .and_then(|p| p.tls.as_ref())
-        .and_then(|t| t.mode.as_deref());
+    let mode = policy.and_then(|p| p.tls.as_ref()).and_then(|t| t.mode);
     let in_subset = || {
         svc.endpoints
             .iter()
             .filter(|e| labels_match(subset_labels, &e.labels))
     };
     let endpoints: Vec<_> = match mode {
-        Some("DISABLE") => return,
-        Some("ISTIO_MUTUAL") => in_subset().collect(),
+        Some(ClientTlsMode::Disable) => return,
+        Some(ClientTlsMode::IstioMutual) => in_subset().collect(),
+        // The loader refuses SIMPLE and MUTUAL; were one here, no auto mTLS either.
+        Some(ClientTlsMode::Simple | ClientTlsMode::Mutual) => return,
         // Auto mTLS is for the mesh's own workloads; an external service's labels do not make it one.
         _ if svc.mesh_external => return,
         _ => in_subset().filter(|e| has_sidecar(e)).collect(),
@@ -130,7 +131,7 @@ pub(super) fn cluster_tls(
         sni: format!("outbound_.{port}_.{subset}_.{}", svc.hostname),
         ..Default::default()
     };
-    if mode == Some("ISTIO_MUTUAL") {
+    if mode == Some(ClientTlsMode::IstioMutual) {
         cluster.transport_socket = Some(tls_socket(pack(&upstream)));
         return;
     }
