@@ -282,7 +282,7 @@ impl App {
         let plaintext_drain = drain.clone();
         let plaintext = async move {
             let Some(xds) = xds else { return Ok(()) };
-            tonic::transport::Server::builder()
+            grpc_server()
                 .add_service(plaintext_ads)
                 .serve_with_incoming_shutdown(
                     Acceptor::new(xds, "xDS").into_stream(),
@@ -291,7 +291,7 @@ impl App {
                 .await
         }
         .instrument(info_span!("xds"));
-        let mtls = tonic::transport::Server::builder()
+        let mtls = grpc_server()
             .add_service(ads)
             .add_service(ca_service)
             .serve_with_incoming_shutdown(
@@ -305,6 +305,18 @@ impl App {
         plaintext.and(mtls).map_err(Error::from)
     }
 }
+
+/// weftd's gRPC servers, with the limits hostile clients meet: a proxy needs one ADS stream (and a CA
+/// call now and then), so a connection may hold only a few; and a peer that stops answering HTTP/2
+/// pings is dropped, so dead connections do not keep their streams' state.
+fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+}
+
+const MAX_STREAMS_PER_CONNECTION: u32 = 8;
 
 /// Reissues weftd's serving certificate at half its lifetime, like any workload's.
 async fn renew_own_certificate(ca: Arc<Ca>, me: SpiffeId, cell: IdentityCell, drain: DrainWatcher) {

@@ -17,12 +17,21 @@ use crate::{
     translate::{Generator, MeshOptions},
 };
 
+/// Rejections logged one by one per load; a file of thousands of bad documents gets a count beyond.
+const LOGGED_REJECTIONS: usize = 100;
+
 /// Loads the directory into a model, logging each skipped resource with its file, kind, name and reason.
 /// A directory that cannot be read whole is an error, so the caller keeps the model it serves.
 pub fn load(dir: &Path, mesh: &MeshOptions) -> Result<Model, weft_api::LoadError> {
     let (resources, rejected) = weft_api::load_dir(dir)?;
-    for r in &rejected {
+    for r in rejected.iter().take(LOGGED_REJECTIONS) {
         warn!(file = %r.file, kind = %r.kind, name = %r.name, reason = %r.reason, "skipping invalid resource");
+    }
+    if rejected.len() > LOGGED_REJECTIONS {
+        warn!(
+            more = rejected.len() - LOGGED_REJECTIONS,
+            "more invalid resources skipped; the first ones are logged above"
+        );
     }
     let model = Model::build(&resources, mesh.clone());
     for c in model.conflicts() {
@@ -108,13 +117,23 @@ pub async fn watch_dir(
             }
             () = drain.signaled() => return,
         }
-        let loaded = fingerprint(&dir).and_then(|now| {
-            if now == last {
-                return Ok(None);
-            }
-            info!(dir = %dir.display(), "config directory changed; reloading");
-            load(&dir, &mesh).map(|model| Some((now, model)))
-        });
+        // Reading and parsing are blocking work that hostile files can make long; off the runtime, the
+        // xDS streams are served meanwhile.
+        let (read_dir, read_mesh, seen) = (dir.clone(), mesh.clone(), last.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            fingerprint(&read_dir).and_then(|now| {
+                if now == seen {
+                    return Ok(None);
+                }
+                info!(dir = %read_dir.display(), "config directory changed; reloading");
+                load(&read_dir, &read_mesh).map(|model| Some((now, model)))
+            })
+        })
+        .await;
+        let Ok(loaded) = loaded else {
+            warn!(dir = %dir.display(), "the config reader stopped unexpectedly; keeping the config loaded before");
+            continue;
+        };
         let model = match loaded {
             Ok(None) => continue,
             Ok(Some((now, model))) => {

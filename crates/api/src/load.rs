@@ -37,6 +37,34 @@ pub struct Resources {
     pub authorization_policies: Vec<Object<AuthorizationPolicySpec>>,
 }
 
+impl Resources {
+    /// Adds everything `other` holds, kind by kind, in order.
+    pub fn append(&mut self, other: Resources) {
+        let Resources {
+            services,
+            endpoint_slices,
+            pods,
+            service_entries,
+            workload_entries,
+            virtual_services,
+            destination_rules,
+            sidecars,
+            peer_authentications,
+            authorization_policies,
+        } = other;
+        self.services.extend(services);
+        self.endpoint_slices.extend(endpoint_slices);
+        self.pods.extend(pods);
+        self.service_entries.extend(service_entries);
+        self.workload_entries.extend(workload_entries);
+        self.virtual_services.extend(virtual_services);
+        self.destination_rules.extend(destination_rules);
+        self.sidecars.extend(sidecars);
+        self.peer_authentications.extend(peer_authentications);
+        self.authorization_policies.extend(authorization_policies);
+    }
+}
+
 /// A resource that was skipped, and why: enough for an operator to find and fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejected {
@@ -211,13 +239,12 @@ fn read_manifest(path: &Path, rejected: &mut Vec<Rejected>) -> Result<Option<Str
     }
 }
 
-/// Istio reads files of thousands of generated documents; the depth, node-size and alias limits that
-/// stop hostile YAML stay as serde-saphyr sets them, only the counts that grow with honest size rise.
+/// serde-saphyr's budgets, applied to each document as it is read: the depth, node, event and alias
+/// limits that stop hostile YAML, with no cap on how many documents a file holds (generated manifests
+/// hold thousands, and Istio has no such cap). The input is bounded by [`MAX_FILE_BYTES`] already.
 fn yaml_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
-    budget.max_documents = 100_000;
-    budget.max_nodes = 20_000_000;
-    budget.max_events = 50_000_000;
+    budget.max_reader_input_bytes = None;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     options
@@ -230,19 +257,26 @@ pub fn parse_manifests(
     resources: &mut Resources,
     rejected: &mut Vec<Rejected>,
 ) {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options()) {
-        Ok(docs) => docs,
-        Err(e) => {
-            rejected.push(Rejected {
-                file: file.into(),
-                kind: "-".into(),
-                name: "-".into(),
-                reason: format!("invalid YAML: {e}"),
-            });
-            return;
-        }
-    };
-    for doc in docs {
+    // Documents are read one at a time, each under its own depth, node and alias budget, so a file
+    // of thousands of documents loads and memory never holds more than one document's tree beside
+    // the typed resources. A syntax or budget error refuses the whole file: half a file is never
+    // applied.
+    let mut staged = Resources::default();
+    let mut staged_rejected = Vec::new();
+    let mut reader = text.as_bytes();
+    for doc in serde_saphyr::read_with_options::<_, Value>(&mut reader, yaml_options()) {
+        let doc = match doc {
+            Ok(doc) => doc,
+            Err(e) => {
+                rejected.push(Rejected {
+                    file: file.into(),
+                    kind: "-".into(),
+                    name: "-".into(),
+                    reason: format!("invalid YAML: {e}"),
+                });
+                return;
+            }
+        };
         if doc.is_null() {
             continue;
         }
@@ -262,9 +296,10 @@ pub fn parse_manifests(
             .unwrap_or("-")
             .to_string();
         let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-        let added = check_metadata(&doc).and_then(|()| add_document(group, &kind, doc, resources));
+        let added =
+            check_metadata(&doc).and_then(|()| add_document(group, &kind, doc, &mut staged));
         if let Err(reason) = added {
-            rejected.push(Rejected {
+            staged_rejected.push(Rejected {
                 file: file.into(),
                 kind,
                 name,
@@ -272,6 +307,8 @@ pub fn parse_manifests(
             });
         }
     }
+    resources.append(staged);
+    rejected.extend(staged_rejected);
 }
 
 fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Result<(), String> {
@@ -955,6 +992,35 @@ mod dir_tests {
             files, after,
             "the fingerprint follows the link to the new target"
         );
+    }
+
+    #[test]
+    fn hostile_yaml_refuses_its_file_whole_and_nothing_else() {
+        let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let nested: String = (0..500)
+            .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+            .collect();
+        let half = format!("{SERVICE}---\nkind: [unclosed\n");
+        for (what, text) in [
+            ("deep flow", deep),
+            ("deep block", nested),
+            ("half valid", half),
+        ] {
+            let mut res = Resources::default();
+            let mut rejected = Vec::new();
+            parse_manifests("bad.yaml", &text, &mut res, &mut rejected);
+            assert_eq!(
+                res,
+                Resources::default(),
+                "{what}: nothing of the file applies"
+            );
+            assert_eq!(rejected.len(), 1, "{what}: {rejected:?}");
+            assert!(
+                rejected[0].reason.starts_with("invalid YAML"),
+                "{what}: {}",
+                rejected[0].reason
+            );
+        }
     }
 
     #[test]

@@ -239,9 +239,16 @@ fn first_node(
     variant: &str,
     caller: Option<&SpiffeId>,
 ) -> Result<NodeInfo, Status> {
-    let mut node = NodeInfo::from(
-        node.ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?,
-    );
+    let node =
+        node.ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+    // The id lands in every log line and NACK of the stream.
+    if node.id.len() > MAX_NODE_ID {
+        return Err(Status::invalid_argument(format!(
+            "the node id is {} bytes; at most {MAX_NODE_ID}",
+            node.id.len()
+        )));
+    }
+    let mut node = NodeInfo::from(node);
     if let Some(id) = caller {
         let claimed = node
             .meta_str("NAMESPACE")
@@ -275,6 +282,38 @@ fn push_order<'a>(subscribed: impl Iterator<Item = &'a String>) -> Vec<String> {
         .filter(|t| subscribed.iter().any(|s| s == *t))
         .map(|t| t.to_string())
         .collect()
+}
+
+/// Longest node id taken; Istio's are well under 300 bytes.
+const MAX_NODE_ID: usize = 1024;
+/// How much of a NACK's `error_detail` is logged and kept: enough to name the resource and field, and
+/// never the megabytes a client could send.
+const MAX_ERROR_DETAIL: usize = 4096;
+
+/// A NACK, logged and kept for `/debug/nacks`, with what the proxy wrote cut to [`MAX_ERROR_DETAIL`].
+fn record_nack(metrics: &XdsMetrics, node: String, type_url: &str, nonce: &str, message: &str) {
+    let mut detail: String = message.chars().take(MAX_ERROR_DETAIL).collect();
+    if detail.len() < message.len() {
+        detail.push_str(" [cut]");
+    }
+    let nonce: String = nonce.chars().take(64).collect();
+    warn!(node = %node, type_url = %type_url, rejected_nonce = %nonce, error_detail = %detail, "proxy rejected config (NACK)");
+    metrics.record_nack(Nack {
+        node,
+        type_url: type_url.to_string(),
+        error_detail: detail,
+    });
+}
+
+/// Names one stream may subscribe to per type: far past any proxy's config (a proxy names what its
+/// listeners and clusters refer to), and a bound on what a client can make a stream hold.
+const MAX_NAMES_PER_TYPE: usize = 100_000;
+
+fn too_many_names(type_url: &str) -> Status {
+    Status::resource_exhausted(format!(
+        "more than {MAX_NAMES_PER_TYPE} resource names subscribed for {}",
+        type_url::short(type_url)
+    ))
 }
 
 /// Whether weftd serves this type. A request for any other is ignored before it costs anything: the
@@ -387,17 +426,20 @@ impl Protocol for SotwState {
             return Ok(());
         }
         if let Some(error) = &req.error_detail {
-            warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
-                kept_version = %req.version_info, error_detail = %error.message, "proxy rejected config (NACK)");
-            self.metrics.record_nack(Nack {
-                node: node_id,
-                type_url: req.type_url.clone(),
-                error_detail: error.message.clone(),
-            });
+            record_nack(
+                &self.metrics,
+                node_id,
+                &req.type_url,
+                &req.response_nonce,
+                &error.message,
+            );
             return Ok(());
         }
         if !req.response_nonce.is_empty() {
             self.metrics.acks.get_or_create(&labels).inc();
+        }
+        if req.resource_names.len() > MAX_NAMES_PER_TYPE {
+            return Err(too_many_names(&req.type_url));
         }
         let names: BTreeSet<String> = req
             .resource_names
@@ -538,13 +580,13 @@ impl Protocol for DeltaState {
         let labels = XdsMetrics::labels(&req.type_url);
         let node_id = self.node.as_ref().map_or("", |n| n.id.as_str()).to_string();
         if let Some(error) = &req.error_detail {
-            warn!(node = %node_id, type_url = %req.type_url, rejected_nonce = %req.response_nonce,
-                error_detail = %error.message, "proxy rejected config (NACK)");
-            self.metrics.record_nack(Nack {
-                node: node_id.clone(),
-                type_url: req.type_url.clone(),
-                error_detail: error.message.clone(),
-            });
+            record_nack(
+                &self.metrics,
+                node_id,
+                &req.type_url,
+                &req.response_nonce,
+                &error.message,
+            );
         } else if !req.response_nonce.is_empty() {
             self.metrics.acks.get_or_create(&labels).inc();
         }
@@ -569,6 +611,11 @@ impl Protocol for DeltaState {
                 state.subscription.names.remove(name);
             }
             state.known.remove(name);
+        }
+        if state.subscription.names.len() > MAX_NAMES_PER_TYPE
+            || state.known.len() > MAX_NAMES_PER_TYPE
+        {
+            return Err(too_many_names(&req.type_url));
         }
         self.push(&req.type_url);
         Ok(())

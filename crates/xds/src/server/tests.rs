@@ -285,3 +285,60 @@ fn types_weftd_does_not_serve_cost_nothing() {
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     assert!(!text.contains("attacker"), "{text}");
 }
+
+#[test]
+fn a_stream_cannot_subscribe_to_unbounded_names() {
+    let g = snapshot(&[("a", 1)]);
+    let many: Vec<String> = (0..=MAX_NAMES_PER_TYPE).map(|i| format!("n{i}")).collect();
+    let mut sotw = SotwState::new(XdsMetrics::default(), None);
+    let mut r = req(type_url::ENDPOINT, &[], "", "");
+    r.resource_names = many.clone();
+    let err = sotw.on_request(r, &g).expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    let mut delta = DeltaState::new(XdsMetrics::default(), None);
+    let subscribe = |names: &[String]| DeltaDiscoveryRequest {
+        node: node(),
+        type_url: type_url::ENDPOINT.into(),
+        resource_names_subscribe: names.to_vec(),
+        ..Default::default()
+    };
+    let half = many.len() / 2;
+    delta
+        .on_request(subscribe(&many[..half]), &g)
+        .expect("within the bound");
+    let err = delta
+        .on_request(subscribe(&many[half..]), &g)
+        .expect_err("past the bound, in total");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+}
+
+#[test]
+fn what_a_client_writes_is_kept_only_in_part() {
+    let metrics = XdsMetrics::default();
+    let mut s = SotwState::new(metrics.clone(), None);
+    let g = snapshot(&[("a", 1)]);
+    s.on_request(req(type_url::CLUSTER, &[], "", ""), &g)
+        .expect("ok");
+    let sent = s.pending.pop_front().expect("response");
+    for _ in 0..100 {
+        let mut nack = req(type_url::CLUSTER, &[], "", &sent.nonce);
+        nack.error_detail = Some(rpc::Status {
+            code: 3,
+            message: "x".repeat(4 << 20),
+            details: vec![],
+        });
+        s.on_request(nack, &g).expect("ok");
+    }
+    let kept: usize = metrics
+        .recent_nacks()
+        .iter()
+        .map(|n| n.error_detail.len())
+        .sum();
+    assert!(kept < 1 << 20, "{kept} bytes of NACK text kept");
+    let mut long = req(type_url::CLUSTER, &[], "", "");
+    long.node.as_mut().expect("node").id = "x".repeat(MAX_NODE_ID + 1);
+    let err = SotwState::new(metrics, None)
+        .on_request(long, &g)
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
