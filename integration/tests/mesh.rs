@@ -332,18 +332,31 @@ async fn least_request_prefers_idle_endpoints_and_abandoned_requests_stop_counti
         }
     })
     .await;
+    // Requests arrive at a steady pace, whether or not earlier ones are answered: the slow endpoint
+    // holds each it gets for a second, the fast one answers before the next arrives. Least request
+    // then sends the slow one a request only when both of its two random picks land there.
     s.control("backend-slow")
         .delay_ms
-        .store(300, Ordering::SeqCst);
+        .store(1000, Ordering::SeqCst);
+    use futures::StreamExt;
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut served = std::collections::HashMap::<String, usize>::new();
-    for _ in 0..4 {
-        let wave = futures::future::join_all((0..10).map(|_| s.get("/", &[]))).await;
-        for r in wave {
-            assert_eq!(r.status, StatusCode::OK);
-            *served.entry(r.backend()).or_default() += 1;
+    let mut sent = 0;
+    while sent < 40 || !in_flight.is_empty() {
+        tokio::select! {
+            _ = pace.tick(), if sent < 40 => {
+                in_flight.push(s.get("/", &[]));
+                sent += 1;
+            }
+            Some(r) = in_flight.next() => {
+                assert_eq!(r.status, StatusCode::OK);
+                *served.entry(r.backend()).or_default() += 1;
+            }
         }
     }
-    let (slow, fast) = (served["backend-slow"], served["backend-fast"]);
+    let count = |b: &str| served.get(b).copied().unwrap_or(0);
+    let (slow, fast) = (count("backend-slow"), count("backend-fast"));
     assert!(
         slow < fast,
         "the busy endpoint got {slow}, the idle one {fast}"
