@@ -325,8 +325,7 @@ struct Running {
 }
 
 struct XdsView {
-    address: SocketAddr,
-    /// The CA and xDS over mTLS.
+    /// The CA and xDS over mTLS; every proxy of the demo has an identity, so plaintext xDS is off.
     secure: SocketAddr,
     /// Where the trust bundle and bootstrap tokens are.
     identity_dir: PathBuf,
@@ -343,7 +342,7 @@ async fn start_weftd(
 ) -> anyhow::Result<XdsView> {
     let weftd = weftd::app::build(weftd::app::Config {
         config_dir: dir.to_path_buf(),
-        xds_address: Some(SocketAddr::new(ip, 0)),
+        xds_address: None,
         secure_address: SocketAddr::new(ip, 0),
         monitoring_address: SocketAddr::new(ip, 0),
         mesh: weftd::translate::MeshOptions {
@@ -357,7 +356,6 @@ async fn start_weftd(
     })
     .await?;
     let xds = XdsView {
-        address: weftd.xds_address().expect("plaintext xDS is on"),
         secure: weftd.secure_address(),
         identity_dir: dir.join("identity"),
         monitoring: weftd.monitoring_address(),
@@ -537,8 +535,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         start_explicit(&dir).await?
     };
     println!(
-        "  weftd: xDS on {} (plaintext), CA and xDS over mTLS on {}, metrics on http://{}/metrics",
-        running.xds.address, running.xds.secure, running.xds.monitoring
+        "  weftd: CA and xDS over mTLS on {} (plaintext xDS is off), metrics on http://{}/metrics",
+        running.xds.secure, running.xds.monitoring
     );
     let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
     wait_ready(&client, running.frontend, Duration::from_secs(15)).await?;
@@ -836,8 +834,8 @@ fn report(tallies: &BTreeMap<&'static str, Tally>, running: &Running, security: 
         println!("  {pod}: {urls}");
     }
     println!(
-        "  weftd: xds {}  metrics http://{}/metrics",
-        running.xds.address, running.xds.monitoring
+        "  weftd: xDS and CA {}  metrics http://{}/metrics",
+        running.xds.secure, running.xds.monitoring
     );
     println!(
         "\n{}",
