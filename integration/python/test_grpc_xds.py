@@ -116,14 +116,7 @@ def test_proxyless_grpc_client_balances_over_all_endpoints(workdir, procs):
         config.mkdir()
         (config / "echo.yaml").write_text(manifests(ports))
         xds_port = start_weftd(procs, config)
-        bootstrap = workdir / "bootstrap.json"
-        bootstrap.write_text(json.dumps({
-            "xds_servers": [{"server_uri": f"127.0.0.1:{xds_port}", "channel_creds": [{"type": "insecure"}],
-                             "server_features": ["xds_v3"]}],
-            "node": {"id": "sidecar~127.0.0.1~pyclient-0.test~test.svc.cluster.local",
-                     "metadata": {"GENERATOR": "grpc", "NAMESPACE": "test"}},
-        }))
-        os.environ["GRPC_XDS_BOOTSTRAP"] = str(bootstrap)
+        os.environ["GRPC_XDS_BOOTSTRAP"] = str(bootstrap(workdir, xds_port))
         with grpc.insecure_channel("xds:///echo.test.svc.cluster.local:9090") as channel:
             who = channel.unary_unary(METHOD)
             # grpc's round robin only picks connected subchannels, so warm up until all have answered.

@@ -201,35 +201,8 @@ async fn strict_mtls_carries_identities_and_refuses_plaintext_while_permissive_t
 
     // A WebSocket upgrade crosses the mTLS hop, and bytes flow both ways afterwards.
     {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut ws = tokio::net::TcpStream::connect(pair.egress)
-            .await
-            .expect("connect");
-        ws.write_all(format!("GET /ws HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
-            .await
-            .expect("write");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut byte))
-                .await
-                .expect("handshake in time")
-                .expect("read");
-            assert_eq!(n, 1, "closed during the handshake");
-            head.push(byte[0]);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
-        ws.write_all(b"frames").await.expect("write");
-        let mut buf = [0u8; 6];
-        tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut buf))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(&buf, b"frames");
+        let mut ws = open_websocket(pair.egress, "").await;
+        assert_eq!(&echo(&mut ws).await.expect("echo"), b"frames");
     }
 
     // PERMISSIVE: both plaintext and mTLS.
@@ -653,6 +626,33 @@ async fn silent_connections_on_15012_do_not_stall_the_ca() {
     mesh.shutdown().await;
 }
 
+/// A WebSocket to the backend through `proxy`, with `extra` header lines, after its 101.
+async fn open_websocket(proxy: SocketAddr, extra: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut ws = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    ws.write_all(format!("GET /ws HTTP/1.1\r\nHost: {HOST}\r\n{extra}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut byte))
+            .await
+            .expect("handshake in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed during the handshake");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    ws
+}
+
 /// Sends a few bytes over an open WebSocket and reads them back.
 async fn echo(ws: &mut tokio::net::TcpStream) -> anyhow::Result<[u8; 6]> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -666,34 +666,10 @@ async fn echo(ws: &mut tokio::net::TcpStream) -> anyhow::Result<[u8; 6]> {
 /// and one the new policy still allows stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_close_when_a_new_policy_denies_them() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let pair = Pair::new("STRICT", weft_certs::DEFAULT_WORKLOAD_TTL).await;
-    let open = |extra: &'static str| async move {
-        let mut ws = tokio::net::TcpStream::connect(pair.egress)
-            .await
-            .expect("connect");
-        ws.write_all(format!("GET /ws HTTP/1.1\r\nHost: {HOST}\r\n{extra}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())
-            .await
-            .expect("write");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut byte))
-                .await
-                .expect("handshake in time")
-                .expect("read");
-            assert_eq!(n, 1, "closed during the handshake");
-            head.push(byte[0]);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
-        ws
-    };
-    let mut denied = open("x-kill: yes\r\n").await;
-    let mut kept = open("").await;
+    let mut denied = open_websocket(pair.egress, "x-kill: yes\r\n").await;
+    let mut kept = open_websocket(pair.egress, "").await;
     assert_eq!(&echo(&mut denied).await.expect("echo"), b"frames");
     pair.mesh.write(
         "authz.yaml",
