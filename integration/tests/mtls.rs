@@ -718,3 +718,28 @@ async fn kept_alive_connections_are_drained_without_a_failed_request() {
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     pair.mesh.shutdown().await;
 }
+
+/// weftd comes back with a new root (its CA was lost): the proxies cannot verify it, say so, renew from
+/// the bundle file and token weftd rewrote, and take config from it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_follow_weftd_to_a_new_root() {
+    let mut pair = Pair::new("STRICT", weft_certs::DEFAULT_WORKLOAD_TTL).await;
+    let old_serial = serial(&pair.server).await;
+    pair.mesh.stop_weftd().await;
+    std::fs::remove_dir_all(pair.mesh.dir.join("ca")).expect("lose the CA");
+    pair.mesh.start_weftd().await;
+    pair.mesh.write("authz.yaml", POLICIES);
+    wait_for(
+        "a policy written after the new root to reach the server's proxy",
+        Duration::from_secs(60),
+        || async {
+            let r = send(&http1_client(), pair.egress, "GET", HOST, "/admin", &[])
+                .await
+                .ok()?;
+            (r.status == StatusCode::FORBIDDEN).then_some(())
+        },
+    )
+    .await;
+    assert_ne!(serial(&pair.server).await, old_serial, "the server renewed");
+    pair.mesh.shutdown().await;
+}

@@ -108,6 +108,8 @@ impl App {
         // Admin answers (not ready) while the certificate is being fetched.
         tasks.spawn(admin::serve(admin, ctx.clone()).instrument(info_span!("admin")));
         tasks.spawn(admin::serve(stats, ctx.clone()).instrument(info_span!("stats")));
+        // Rotation renews early when weftd cannot be verified (its CA may have changed).
+        let renew_now = Arc::new(tokio::sync::Notify::new());
         // The certificate comes before xDS: listeners and clusters that need mTLS refer to it.
         if let Some(identity) = &config.identity {
             let Some(cell) = crate::identity::bootstrap(identity, &config.spiffe_id, &drain).await
@@ -120,12 +122,18 @@ impl App {
                     identity.clone(),
                     config.spiffe_id.clone(),
                     cell,
+                    renew_now.clone(),
                     drain.clone(),
                 )
                 .instrument(info_span!("identity")),
             );
         }
-        let handler = XdsHandler::new(state, ListenerManager::new(ctx.clone()), tls.clone());
+        let handler = XdsHandler::new(
+            state,
+            ListenerManager::new(ctx.clone()),
+            tls.clone(),
+            renew_now,
+        );
         let mut xds =
             weft_xds::client::ClientConfig::new(config.xds_address.clone(), config.node.clone());
         // weftd's 15012 takes this proxy's namespace and service account from its certificate;

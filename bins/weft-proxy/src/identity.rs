@@ -160,7 +160,13 @@ pub fn renewal_delay(identity: &Identity, now: SystemTime, jitter: f64) -> Durat
 
 /// Renews forever: wait for the renewal time, fetch, swap. A failure keeps the current certificate
 /// and retries with backoff (never waiting past a tenth of the remaining lifetime).
-pub async fn rotate(config: IdentityConfig, id: SpiffeId, cell: IdentityCell, drain: DrainWatcher) {
+pub async fn rotate(
+    config: IdentityConfig,
+    id: SpiffeId,
+    cell: IdentityCell,
+    renew_now: std::sync::Arc<tokio::sync::Notify>,
+    drain: DrainWatcher,
+) {
     let mut delay = renewal_delay(
         &cell.current(),
         SystemTime::now(),
@@ -171,6 +177,7 @@ pub async fn rotate(config: IdentityConfig, id: SpiffeId, cell: IdentityCell, dr
     loop {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
+            () = renew_now.notified() => info!(identity = %id, "renewing early: the control plane could not be verified"),
             () = drain.signaled() => return,
         }
         // The current certificate proves who is asking; if weftd can no longer be verified with

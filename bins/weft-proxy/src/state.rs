@@ -130,6 +130,8 @@ pub struct XdsHandler {
     eds: HashMap<String, Vec<EndpointConfig>>,
     listeners: ListenerManager,
     tls: Arc<TlsConfigs>,
+    /// Wakes the certificate rotation early.
+    renew_now: Arc<tokio::sync::Notify>,
 }
 
 impl XdsHandler {
@@ -137,12 +139,14 @@ impl XdsHandler {
         state: watch::Sender<Arc<ProxyState>>,
         listeners: ListenerManager,
         tls: Arc<TlsConfigs>,
+        renew_now: Arc<tokio::sync::Notify>,
     ) -> Self {
         Self {
             state,
             eds: HashMap::new(),
             listeners,
             tls,
+            renew_now,
         }
     }
 
@@ -339,6 +343,12 @@ impl Handler for XdsHandler {
 
     fn connected(&mut self, connected: bool) {
         self.publish(|s| s.xds_connected = connected);
+    }
+
+    /// weftd's certificate did not verify with the bundle this proxy's certificate came with: renew
+    /// now, which falls back to the bundle file and token and so takes in a new root.
+    fn control_plane_unverified(&mut self) {
+        self.renew_now.notify_one();
     }
 }
 

@@ -21,7 +21,9 @@ use std::time::Duration;
 pub use ca::{Ca, CaError};
 pub use identity::{Identity, IdentityError, WorkloadKey};
 pub use spiffe::{SpiffeId, SpiffeIdError, peer_spiffe_id};
-pub use stream::{ClientStream, Peer, ServerStream, accept, check_server_name, connect};
+pub use stream::{
+    ClientStream, Peer, ServerStream, accept, check_server_name, connect, is_unverified_peer,
+};
 pub use token::{BootstrapTokens, TokenKeyError};
 pub use verify::{
     ClientAuth, ClientTls, IdentityCell, PeerPolicy, ServerTls, anonymous_client_config,

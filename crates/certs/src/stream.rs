@@ -46,6 +46,32 @@ fn peer(conn: &rustls::CommonState) -> Peer {
     }
 }
 
+/// Whether an error (anywhere in its chain) is a TLS peer whose certificate this side could not verify:
+/// another CA's, expired, or not the identity expected. A client seeing this should say so loudly and
+/// refresh its trust bundle rather than only retry.
+pub fn is_unverified_peer(err: &(dyn std::error::Error + 'static)) -> bool {
+    let unverified = |e: &(dyn std::error::Error + 'static)| {
+        matches!(
+            e.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        )
+    };
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if unverified(e) {
+            return true;
+        }
+        // io::Error hides what it wraps from `source()`.
+        if let Some(inner) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref())
+            && unverified(inner)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Whether `sni` can be sent as a TLS server name, so a config that names one that cannot is refused
 /// when it arrives rather than failing every connection later.
 pub fn check_server_name(sni: &str) -> Result<(), String> {

@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use rand::Rng;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use weft_drain::DrainWatcher;
 
 use crate::{
@@ -40,6 +40,10 @@ pub trait Handler: Send + 'static {
 
     /// Called when a stream to the control plane is established or lost; the proxy's readiness uses it.
     fn connected(&mut self, _connected: bool) {}
+
+    /// Called when the control plane's certificate could not be verified: its CA may have changed, and
+    /// the handler may refresh what it trusts (the proxy renews its certificate from the bundle file).
+    fn control_plane_unverified(&mut self) {}
 }
 
 #[derive(Clone, Debug)]
@@ -95,6 +99,13 @@ pub async fn run<H: Handler>(config: ClientConfig, mut handler: H, drain: DrainW
         }
         let jittered = rand::rng().random_range(backoff / 2..=backoff);
         match result {
+            Err(StreamError::Connect { address, source })
+                if weft_certs::is_unverified_peer(&source) =>
+            {
+                error!(%address, error = %source, retry_in = ?jittered,
+                    "cannot verify the control plane's certificate with this proxy's trust bundle: if its CA changed, the bundle must hold the new root; keeping the last accepted config and retrying");
+                handler.control_plane_unverified();
+            }
             Err(e) => {
                 warn!(error = %e, retry_in = ?jittered, "xds stream ended; keeping the last accepted config")
             }
