@@ -219,7 +219,7 @@ fn normalize_path(req: &mut Request<Incoming>, how: crate::model::PathNormalizat
     }
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
-        None => path,
+        None => path.into_owned(),
     };
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = match pq.parse() {

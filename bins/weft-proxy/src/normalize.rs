@@ -3,6 +3,8 @@
 //! `meshConfig.pathNormalization`). Without it `/./admin`, `/x/../admin` and `/%61dmin` would pass a
 //! policy on `/admin*` while the application serves `/admin`.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 /// What the HTTP connection manager does to a path.
@@ -18,13 +20,20 @@ pub struct PathNormalization {
 }
 
 /// The normalized path (no query), or `None` when it cannot be normalized safely (a path that does
-/// not start with `/`), which Envoy answers with 400.
-pub fn normalize(path: &str, how: PathNormalization) -> Option<String> {
+/// not start with `/`), which Envoy answers with 400. Most paths are already normal and are returned
+/// as they are, without a copy: this runs on every request.
+pub fn normalize(path: &str, how: PathNormalization) -> Option<Cow<'_, str>> {
     if !(how.rfc3986 || how.merge_slashes || how.decode_slashes) {
-        return Some(path.to_string());
+        return Some(Cow::Borrowed(path));
     }
     if !path.starts_with('/') && !path.starts_with('\\') {
         return None;
+    }
+    let may_change = path.bytes().any(|b| b == b'%' || b == b'\\')
+        || (how.rfc3986 && path.contains("/."))
+        || (how.merge_slashes && path.contains("//"));
+    if !may_change {
+        return Some(Cow::Borrowed(path));
     }
     let mut out = if how.rfc3986 || how.decode_slashes {
         decode_escapes(path, how)
@@ -44,7 +53,7 @@ pub fn normalize(path: &str, how: PathNormalization) -> Option<String> {
         }
         out = merged;
     }
-    Some(out)
+    Some(Cow::Owned(out))
 }
 
 fn hex(b: u8) -> Option<u8> {
