@@ -255,9 +255,6 @@ async fn serve<IO>(
         ListenerKind::Tcp(tcp) => {
             let downstream = tcp::Downstream {
                 peer,
-                target: origin.target,
-                listener: &origin.listener.name,
-                inbound: origin.listener.inbound,
                 source_principal: source_principal.as_ref(),
                 origin: &origin,
             };

@@ -25,14 +25,11 @@ use crate::{
 /// The downstream side of a proxied connection.
 pub struct Downstream<'a> {
     pub peer: SocketAddr,
-    /// Where the connection was headed: the listener's own address, or for a captured connection its
-    /// original destination, which ORIGINAL_DST clusters connect to.
-    pub target: SocketAddr,
-    pub listener: &'a str,
-    pub inbound: bool,
     /// Who the client proved to be over mTLS.
     pub source_principal: Option<&'a SpiffeId>,
-    /// The listener config it was accepted under, to check it again when that changes.
+    /// The listener config it was accepted under (checked again when that changes), and where it was
+    /// headed: the listener's own address, or for a captured connection its original destination,
+    /// which ORIGINAL_DST clusters connect to.
     pub origin: &'a Origin,
 }
 
@@ -42,12 +39,14 @@ where
 {
     let Downstream {
         peer,
-        target,
-        listener,
-        inbound,
         source_principal,
         origin,
     } = conn;
+    let (target, listener, inbound) = (
+        origin.target,
+        origin.listener.name.as_str(),
+        origin.listener.inbound,
+    );
     let (start, start_wall) = (tokio::time::Instant::now(), std::time::SystemTime::now());
     let log = |termination: &str,
                flags: &str,
