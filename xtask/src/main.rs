@@ -1,6 +1,8 @@
-//! Weft's automation, one home for it: `cargo xtask test` (everything CI checks) and `cargo xtask bench`.
+//! Weft's automation, one home for it: `cargo xtask test` (everything CI checks), `cargo xtask bench`,
+//! and the Kubernetes helpers (`gen-crds`, `kube-up`, `kube-down`).
 
 mod bench;
+mod kube;
 
 use std::{
     path::{Path, PathBuf},
@@ -26,10 +28,23 @@ enum Task {
         /// Skip the checks against Python peers (they need python3 and PyPI for `.venv`).
         #[arg(long)]
         no_python: bool,
+        /// Skip the tests against a real kube-apiserver (they start one with `kube-up`).
+        #[arg(long)]
+        no_kube: bool,
     },
     /// Measure weft-proxy against a direct connection (and haproxy where installed): latency at a fixed
     /// rate, throughput at full speed, CPU per request and RSS.
     Bench(bench::Options),
+    /// Write manifests/crds.yaml from the table in crates/api/src/kinds.rs.
+    GenCrds,
+    /// Start a real Kubernetes control plane on 127.0.0.1 (built on first use) and print its kubeconfig.
+    KubeUp,
+    /// Stop the control plane `kube-up` started.
+    KubeDown {
+        /// Also delete its state (certificates, etcd data, logs).
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,8 +52,14 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root).with_context(|| format!("cannot enter {}", root.display()))?;
     match command {
-        Task::Test { no_python } => test(&root, no_python),
+        Task::Test { no_python, no_kube } => test(&root, no_python, no_kube),
         Task::Bench(options) => bench::run(&root, options),
+        Task::GenCrds => kube::gen_crds(&root),
+        Task::KubeUp => {
+            println!("{}", kube::up(&root)?.display());
+            Ok(())
+        }
+        Task::KubeDown { purge } => kube::down(&root, purge),
     }
 }
 
@@ -91,7 +112,7 @@ fn venv_python(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(python)
 }
 
-fn test(root: &Path, no_python: bool) -> anyhow::Result<()> {
+fn test(root: &Path, no_python: bool, no_kube: bool) -> anyhow::Result<()> {
     run("rustfmt", &mut cargo(&["fmt", "--all", "--", "--check"]))?;
     run(
         "clippy",
@@ -123,6 +144,11 @@ fn test(root: &Path, no_python: bool) -> anyhow::Result<()> {
         "unit, in-process and network-namespace tests",
         &mut cargo(&["test", "--workspace", "--all-targets"]),
     )?;
+    if no_kube {
+        eprintln!("==> skipping the tests against a real kube-apiserver (--no-kube)");
+    } else {
+        kube::test(root)?;
+    }
     if no_python {
         eprintln!("==> skipping the Python peer checks (--no-python)");
         return Ok(());

@@ -130,3 +130,63 @@ pub struct Pod {
     #[serde(default)]
     pub status: PodStatus,
 }
+
+/// A `discovery.k8s.io/v1beta1` EndpointSlice (all Kubernetes 1.20 serves) read as v1: each endpoint's
+/// zone and node come from its `topology` labels where v1's own fields are absent, as Istio reads
+/// slices on older clusters.
+pub fn endpoint_slice_from_v1beta1(mut doc: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    if let Some(endpoints) = doc.get_mut("endpoints").and_then(Value::as_array_mut) {
+        for ep in endpoints.iter_mut().filter_map(Value::as_object_mut) {
+            let topology = ep.get("topology").cloned().unwrap_or(Value::Null);
+            for (field, label) in [
+                ("zone", "topology.kubernetes.io/zone"),
+                ("nodeName", "kubernetes.io/hostname"),
+            ] {
+                if let Some(v) = topology.get(label).filter(|v| v.is_string()) {
+                    ep.entry(field).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
+    if let Some(obj) = doc.as_object_mut() {
+        obj.insert("apiVersion".into(), "discovery.k8s.io/v1".into());
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn v1beta1_slices_read_as_v1() {
+        let cases = [
+            (
+                json!({"addresses": ["10.0.0.1"], "topology": {"topology.kubernetes.io/zone": "a", "kubernetes.io/hostname": "n1"}}),
+                (Some("a"), Some("n1")),
+            ),
+            // v1's own fields win over the topology labels.
+            (
+                json!({"addresses": ["10.0.0.1"], "nodeName": "n2", "topology": {"kubernetes.io/hostname": "n1"}}),
+                (None, Some("n2")),
+            ),
+            (json!({"addresses": ["10.0.0.1"]}), (None, None)),
+        ];
+        for (endpoint, (zone, node)) in cases {
+            let doc = json!({
+                "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+                "metadata": {"name": "s", "namespace": "n"}, "addressType": "IPv4",
+                "endpoints": [endpoint.clone()],
+            });
+            let doc = endpoint_slice_from_v1beta1(doc);
+            assert_eq!(doc["apiVersion"], "discovery.k8s.io/v1");
+            let slice: EndpointSlice = serde_json::from_value(doc).expect("a v1 slice");
+            let ep = &slice.endpoints[0];
+            assert_eq!(ep.zone.as_deref(), zone, "{endpoint}");
+            assert_eq!(ep.node_name.as_deref(), node, "{endpoint}");
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod istio;
 pub mod k8s;
+pub mod kinds;
 mod load;
 pub mod names;
 pub mod values;
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use load::{
     LoadError, MAX_FILE_BYTES, ManifestFile, Rejected, Resources, list_manifests, load_dir,
-    parse_duration, parse_manifests,
+    parse_duration, parse_manifests, parse_object,
 };
 
 /// The namespace a resource lands in when its manifest names none, as `kubectl apply` does.

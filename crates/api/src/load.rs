@@ -280,35 +280,38 @@ pub fn parse_manifests(
         if doc.is_null() {
             continue;
         }
-        let kind = doc
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("-")
-            .to_string();
-        let api_version = doc
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let name = doc
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("-")
-            .to_string();
-        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-        let added =
-            check_metadata(&doc).and_then(|()| add_document(group, &kind, doc, &mut staged));
-        if let Err(reason) = added {
-            staged_rejected.push(Rejected {
-                file: file.into(),
-                kind,
-                name,
-                reason,
-            });
+        if let Err(r) = parse_object(file, doc, &mut staged) {
+            staged_rejected.push(r);
         }
     }
     resources.append(staged);
     rejected.extend(staged_rejected);
+}
+
+/// Checks and adds one object, however it was read (a YAML document, an object from the Kubernetes
+/// API), so every source refuses the same objects for the same reasons. `source` only labels the
+/// rejection.
+pub fn parse_object(source: &str, doc: Value, resources: &mut Resources) -> Result<(), Rejected> {
+    let text = |pointer: &str, default: &str| {
+        doc.pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let (kind, api_version, name) = (
+        text("/kind", "-"),
+        text("/apiVersion", ""),
+        text("/metadata/name", "-"),
+    );
+    let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+    check_metadata(&doc)
+        .and_then(|()| add_document(group, &kind, doc, resources))
+        .map_err(|reason| Rejected {
+            file: source.into(),
+            kind,
+            name,
+            reason,
+        })
 }
 
 fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Result<(), String> {
@@ -376,6 +379,14 @@ fn add_document(group: &str, kind: &str, doc: Value, r: &mut Resources) -> Resul
                 }
             }
             r.authorization_policies.push(ap);
+        }
+        _ if crate::kinds::ISTIO_KINDS
+            .iter()
+            .any(|k| k.group == group && k.kind == kind) =>
+        {
+            return Err(format!(
+                "Weft does not act on {kind} yet; the object is refused rather than ignored"
+            ));
         }
         _ => return Err(format!("unsupported kind {kind} in API group {group:?}")),
     }
