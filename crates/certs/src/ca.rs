@@ -27,6 +27,23 @@ pub enum CaError {
     Sign(String),
 }
 
+/// A CA's material in Istio's `cacerts` layout, as PEM text: the issuing certificate (`ca-cert.pem`), its
+/// key (`ca-key.pem`), the root (`root-cert.pem`) and the chain from the issuer up to the root
+/// (`cert-chain.pem`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaPem {
+    pub cert: String,
+    pub key: String,
+    pub root: String,
+    pub chain: String,
+}
+
+impl std::fmt::Debug for CaPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaPem").finish_non_exhaustive()
+    }
+}
+
 /// The mesh CA: it signs workload certificates with its issuing key, which never leaves it.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -107,21 +124,26 @@ impl Ca {
                 source,
             })
         };
-        let (cert, key, root, chain) = (
-            read("ca-cert.pem")?,
-            read("ca-key.pem")?,
-            read("root-cert.pem")?,
-            read("cert-chain.pem")?,
-        );
-        let key = KeyPair::from_pem(&key).map_err(|e| CaError::Invalid {
+        Self::from_pem(&CaPem {
+            cert: read("ca-cert.pem")?,
+            key: read("ca-key.pem")?,
+            root: read("root-cert.pem")?,
+            chain: read("cert-chain.pem")?,
+        })
+    }
+
+    /// A CA from the four PEM texts of Istio's `cacerts` layout, wherever they were read from (files,
+    /// a Secret).
+    pub fn from_pem(pem: &CaPem) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(&pem.key).map_err(|e| CaError::Invalid {
             what: "ca-key.pem",
             reason: e.to_string(),
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(|e| CaError::Invalid {
+        let issuer = Issuer::from_ca_cert_pem(&pem.cert, key).map_err(|e| CaError::Invalid {
             what: "ca-cert.pem",
             reason: e.to_string(),
         })?;
-        let root_pem = pem_blocks(&root)
+        let root_pem = pem_blocks(&pem.root)
             .into_iter()
             .next()
             .ok_or(CaError::Invalid {
@@ -129,7 +151,7 @@ impl Ca {
                 reason: "no certificate".into(),
             })?;
         // The chain file ends with the root, which clients hold already as their trust bundle.
-        let chain_pem = pem_blocks(&chain)
+        let chain_pem = pem_blocks(&pem.chain)
             .into_iter()
             .filter(|c| c.trim() != root_pem.trim())
             .collect();
@@ -138,6 +160,24 @@ impl Ca {
             chain_pem,
             root_pem,
         })
+    }
+
+    /// A new self-signed root (see [`Ca::self_signed`]) and its PEM texts, to be kept where the next
+    /// start (or another replica) finds them.
+    pub fn self_signed_pem(
+        trust_domain: &str,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<(Self, CaPem), CaError> {
+        let ca = Self::self_signed(trust_domain, now, validity)?;
+        // Root and issuer are one certificate here.
+        let pem = CaPem {
+            cert: ca.root_pem.clone(),
+            key: ca.issuer.key().serialize_pem(),
+            root: ca.root_pem.clone(),
+            chain: ca.root_pem.clone(),
+        };
+        Ok((ca, pem))
     }
 
     /// The CA kept in `dir` in Istio's `cacerts` layout: loaded when the files are there (a user's CA, or
@@ -151,7 +191,7 @@ impl Ca {
         if dir.join("ca-key.pem").exists() {
             return Self::from_cacerts(dir);
         }
-        let ca = Self::self_signed(trust_domain, now, crate::DEFAULT_ROOT_TTL)?;
+        let (ca, pem) = Self::self_signed_pem(trust_domain, now, crate::DEFAULT_ROOT_TTL)?;
         let write = |name: &str, text: &str, mode: u32| {
             use std::{io::Write, os::unix::fs::OpenOptionsExt};
             let path = dir.join(name);
@@ -170,12 +210,12 @@ impl Ca {
                     source,
                 })
         };
-        // Root and issuer are one certificate here; the key goes last, so a crash midway leaves a
-        // directory that is regenerated rather than one that loads without its key.
-        write("ca-cert.pem", &ca.root_pem, 0o644)?;
-        write("root-cert.pem", &ca.root_pem, 0o644)?;
-        write("cert-chain.pem", &ca.root_pem, 0o644)?;
-        write("ca-key.pem", &ca.issuer.key().serialize_pem(), 0o600)?;
+        // The key goes last, so a crash midway leaves a directory that is regenerated rather than
+        // one that loads without its key.
+        write("ca-cert.pem", &pem.cert, 0o644)?;
+        write("root-cert.pem", &pem.root, 0o644)?;
+        write("cert-chain.pem", &pem.chain, 0o644)?;
+        write("ca-key.pem", &pem.key, 0o600)?;
         Ok(ca)
     }
 

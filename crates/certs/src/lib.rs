@@ -18,7 +18,7 @@ mod verify;
 
 use std::time::Duration;
 
-pub use ca::{Ca, CaError};
+pub use ca::{Ca, CaError, CaPem};
 pub use identity::{Identity, IdentityError, WorkloadKey};
 pub use spiffe::{SpiffeId, SpiffeIdError, peer_spiffe_id};
 pub use stream::{
