@@ -113,7 +113,10 @@ impl Mesh {
     /// Starts weftd, on the same addresses as before when it ran already, so proxies find it again.
     pub async fn start_weftd(&mut self) {
         let app = weftd::app::build(weftd::app::Config {
-            config_dir: self.dir.clone(),
+            source: weftd::app::Source::Dir {
+                config_dir: self.dir.clone(),
+                poll_interval: Duration::from_millis(50),
+            },
             xds_address: Some(self.xds),
             secure_address: self.secure,
             monitoring_address: self.monitoring,
@@ -121,7 +124,6 @@ impl Mesh {
                 access_log_file: self.dir.join("access.log").display().to_string(),
                 ..Default::default()
             },
-            poll_interval: Duration::from_millis(50),
             ca_dir: Some(self.dir.join("ca")),
             identity_dir: Some(self.identity_dir()),
             lifetimes: Default::default(),

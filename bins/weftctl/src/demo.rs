@@ -341,7 +341,10 @@ async fn start_weftd(
     watcher: &weft_drain::DrainWatcher,
 ) -> anyhow::Result<XdsView> {
     let weftd = weftd::app::build(weftd::app::Config {
-        config_dir: dir.to_path_buf(),
+        source: weftd::app::Source::Dir {
+            config_dir: dir.to_path_buf(),
+            poll_interval: Duration::from_millis(500),
+        },
         xds_address: None,
         secure_address: SocketAddr::new(ip, 0),
         monitoring_address: SocketAddr::new(ip, 0),
@@ -349,7 +352,6 @@ async fn start_weftd(
             access_log_file: dir.join("access.log").display().to_string(),
             ..Default::default()
         },
-        poll_interval: Duration::from_millis(500),
         ca_dir: None,
         identity_dir: Some(dir.join("identity")),
         lifetimes: Default::default(),

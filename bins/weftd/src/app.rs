@@ -23,16 +23,29 @@ use weft_xds::{
     server::{AdsServer, SnapshotGenerator},
 };
 
+pub use crate::kubernetes::KubeOptions;
 use crate::{
-    ca::{CaMetrics, CaService, IdentityFiles, Lifetimes},
+    ca::{CaMetrics, CaService, IdentityFiles, Lifetimes, TokenAuthority},
     source,
     translate::{Generator, MeshOptions},
 };
 
+/// Where weftd's config comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// A directory of YAML manifests, polled for changes (`weftctl demo`, tests, one machine).
+    Dir {
+        config_dir: PathBuf,
+        poll_interval: Duration,
+    },
+    /// The Kubernetes API server, as istiod reads it.
+    Kubernetes(KubeOptions),
+}
+
 /// weftd's settings, as plain data.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    pub config_dir: PathBuf,
+    pub source: Source,
     /// Plaintext xDS (Istio's 15010), for trusted local use only: it believes what each node claims.
     /// `None` turns it off.
     pub xds_address: Option<SocketAddr>,
@@ -40,9 +53,9 @@ pub struct Config {
     pub secure_address: SocketAddr,
     pub monitoring_address: SocketAddr,
     pub mesh: MeshOptions,
-    pub poll_interval: Duration,
     /// The CA's `cacerts` directory: a user's CA, or where a self-signed one is created and kept.
-    /// `None` keeps a self-signed CA in memory for this process only.
+    /// `None` keeps a self-signed CA in memory for this process only with the directory source, and
+    /// reads the CA from Secrets (`cacerts`, else `istio-ca-secret`) with the Kubernetes source.
     pub ca_dir: Option<PathBuf>,
     /// Where the trust bundle and per-service-account bootstrap tokens are written for proxies.
     pub identity_dir: Option<PathBuf>,
@@ -86,6 +99,8 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
     #[error("the CA: {0}")]
     Ca(#[from] weft_certs::CaError),
+    #[error("Kubernetes: {0}")]
+    Kubernetes(#[from] crate::kubernetes::Error),
     #[error("cannot set up TLS on the secure port: {0}")]
     Tls(String),
 }
@@ -103,7 +118,24 @@ pub struct App {
     generator: watch::Sender<Arc<dyn SnapshotGenerator>>,
     registry: Arc<Registry>,
     metrics: XdsMetrics,
-    loaded: source::Fingerprint,
+    running: Running,
+    /// Whether config has been read in full once: `/ready` answers 200 from then on.
+    ready: watch::Sender<bool>,
+    /// Whether this replica leads (always with the directory source: there is only one).
+    leading: watch::Sender<bool>,
+}
+
+/// The source as `build()` left it, ready to run.
+enum Running {
+    Dir {
+        loaded: source::Fingerprint,
+        config_dir: PathBuf,
+        poll_interval: Duration,
+    },
+    Kubernetes {
+        client: kube::Client,
+        options: KubeOptions,
+    },
 }
 
 impl std::fmt::Debug for App {
@@ -125,8 +157,10 @@ async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, Er
 }
 
 pub async fn build(config: Config) -> Result<App, Error> {
-    if !config.config_dir.is_dir() {
-        return Err(Error::NoConfigDir(config.config_dir.clone()));
+    if let Source::Dir { config_dir, .. } = &config.source
+        && !config_dir.is_dir()
+    {
+        return Err(Error::NoConfigDir(config_dir.clone()));
     }
     let xds = match config.xds_address {
         Some(address) => Some(bind("xDS", address).await?),
@@ -135,9 +169,31 @@ pub async fn build(config: Config) -> Result<App, Error> {
     let secure = bind("secure xDS and CA", config.secure_address).await?;
     let monitoring = bind("monitoring", config.monitoring_address).await?;
     let trust_domain = &config.mesh.trust_domain;
-    let ca = Arc::new(match &config.ca_dir {
-        Some(dir) => Ca::load_or_create(dir, trust_domain, SystemTime::now())?,
-        None => Ca::self_signed(
+    let running = match &config.source {
+        Source::Dir {
+            config_dir,
+            poll_interval,
+        } => Running::Dir {
+            loaded: source::fingerprint(config_dir)?,
+            config_dir: config_dir.clone(),
+            poll_interval: *poll_interval,
+        },
+        Source::Kubernetes(options) => Running::Kubernetes {
+            client: crate::kubernetes::client(options.kubeconfig.as_deref()).await?,
+            options: options.clone(),
+        },
+    };
+    let ca = Arc::new(match (&config.ca_dir, &running) {
+        (Some(dir), _) => Ca::load_or_create(dir, trust_domain, SystemTime::now())?,
+        (None, Running::Kubernetes { client, options }) => {
+            crate::kubernetes::ca_secret::load_or_create(
+                client.clone(),
+                &options.namespace,
+                trust_domain,
+            )
+            .await?
+        }
+        (None, Running::Dir { .. }) => Ca::self_signed(
             trust_domain,
             SystemTime::now(),
             weft_certs::DEFAULT_ROOT_TTL,
@@ -150,11 +206,22 @@ pub async fn build(config: Config) -> Result<App, Error> {
         trust_domain: trust_domain.clone(),
         root_pem: ca.root_pem().to_string(),
     });
-    let loaded = source::fingerprint(&config.config_dir)?;
-    let model = Arc::new(source::load(&config.config_dir, &config.mesh)?);
-    if let Some(files) = &identity_files {
-        files.write(&model);
-    }
+    let model = match &running {
+        Running::Dir { config_dir, .. } => {
+            let model = Arc::new(source::load(config_dir, &config.mesh)?);
+            if let Some(files) = &identity_files {
+                files.write(&model);
+            }
+            model
+        }
+        // Nothing is served before the first full sync, so this empty model is never pushed.
+        Running::Kubernetes { .. } => Arc::new(crate::Model::build(
+            &Default::default(),
+            config.mesh.clone(),
+        )),
+    };
+    // With one directory there is one weftd: it is ready and leads at once.
+    let single = matches!(running, Running::Dir { .. });
     let (generator, _) =
         watch::channel(Arc::new(Generator { model }) as Arc<dyn SnapshotGenerator>);
     let mut registry = Registry::default();
@@ -172,11 +239,24 @@ pub async fn build(config: Config) -> Result<App, Error> {
         generator,
         registry: Arc::new(registry),
         metrics,
-        loaded,
+        running,
+        ready: watch::Sender::new(single),
+        leading: watch::Sender::new(single),
     })
 }
 
 impl App {
+    /// Whether this replica leads: always with the directory source; on Kubernetes, while it holds
+    /// the leader Lease.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.subscribe()
+    }
+
+    /// Whether config has been read in full once (what `/ready` answers).
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
     /// Where plaintext xDS listens, when it is on.
     pub fn xds_address(&self) -> Option<SocketAddr> {
         self.xds.as_ref().and_then(|l| l.local_addr().ok())
@@ -227,28 +307,72 @@ impl App {
             generator,
             registry,
             metrics,
-            loaded,
+            running,
+            ready,
+            leading,
         } = self;
         let xds_address = xds.as_ref().and_then(|l| l.local_addr().ok());
-        info!(xds = ?xds_address, secure = ?secure.local_addr().ok(), config_dir = %config.config_dir.display(), "weftd serving");
         if let Some(address) = xds_address.filter(|a| !a.ip().is_loopback()) {
             warn!(%address, "plaintext xDS listens beyond loopback: any caller that can reach it gets any workload's config by naming it in its node id; keep it for trusted local use, or turn it off with --xds-address ''");
         }
         let mut tasks = JoinSet::new();
-        let watcher = source::watch_dir(
-            loaded,
-            config.config_dir.clone(),
-            config.mesh.clone(),
-            config.poll_interval,
-            generator.clone(),
-            identity_files,
-            drain.clone(),
-        );
-        tasks.spawn(watcher.instrument(info_span!("config_source")));
         tasks.spawn(
-            serve_metrics(monitoring, registry, metrics.clone(), drain.clone())
-                .instrument(info_span!("monitoring")),
+            serve_metrics(
+                monitoring,
+                registry,
+                metrics.clone(),
+                ready.subscribe(),
+                drain.clone(),
+            )
+            .instrument(info_span!("monitoring")),
         );
+        let authority = match running {
+            Running::Dir {
+                loaded,
+                config_dir,
+                poll_interval,
+            } => {
+                info!(xds = ?xds_address, secure = ?secure.local_addr().ok(), config_dir = %config_dir.display(), "weftd serving");
+                let watcher = source::watch_dir(
+                    loaded,
+                    config_dir,
+                    config.mesh.clone(),
+                    poll_interval,
+                    generator.clone(),
+                    identity_files,
+                    drain.clone(),
+                );
+                tasks.spawn(watcher.instrument(info_span!("config_source")));
+                TokenAuthority::Bootstrap(tokens)
+            }
+            Running::Kubernetes { client, options } => {
+                spawn_kubernetes(
+                    &mut tasks,
+                    client.clone(),
+                    options,
+                    config.mesh.clone(),
+                    ca.root_pem().to_string(),
+                    generator.clone(),
+                    ready.clone(),
+                    leading,
+                    drain.clone(),
+                );
+                // Serving before every kind is listed would push proxies a partial mesh.
+                let mut synced = ready.subscribe();
+                let drained = tokio::select! {
+                    _ = synced.wait_for(|r| *r) => false,
+                    () = drain.signaled() => true,
+                };
+                if drained {
+                    while tasks.join_next().await.is_some() {}
+                    return Ok(());
+                }
+                info!(xds = ?xds_address, secure = ?secure.local_addr().ok(), "weftd serving config from the Kubernetes API");
+                TokenAuthority::Kubernetes(Box::new(
+                    crate::kubernetes::token_review::Reviewer::new(client),
+                ))
+            }
+        };
         let trust_domain = config.mesh.trust_domain.clone();
         let me = control_plane_identity(&trust_domain);
         let cell = IdentityCell::new(ca.issue_with_dns(
@@ -271,7 +395,7 @@ impl App {
         );
         let ca_service = IstioCertificateServiceServer::new(CaService {
             ca,
-            tokens,
+            authority,
             trust_domain,
             lifetimes: config.lifetimes,
             metrics: ca_metrics,
@@ -304,6 +428,67 @@ impl App {
         drop(drain);
         plaintext.and(mtls).map_err(Error::from)
     }
+}
+
+/// The Kubernetes source and what runs beside it: leader election, and on the leader the status
+/// writer and the namespace controller.
+#[allow(clippy::too_many_arguments)]
+fn spawn_kubernetes(
+    tasks: &mut JoinSet<()>,
+    client: kube::Client,
+    options: KubeOptions,
+    mesh: MeshOptions,
+    root_pem: String,
+    generator: watch::Sender<Arc<dyn SnapshotGenerator>>,
+    ready: watch::Sender<bool>,
+    leading: watch::Sender<bool>,
+    drain: DrainWatcher,
+) {
+    use crate::kubernetes::{leader, namespaces, source as kube_source, status};
+    let (verdicts, _) = watch::channel(Arc::new(Vec::new()));
+    let served = kube_source::Served::default();
+    let outputs = kube_source::Outputs {
+        publish: generator,
+        synced: ready,
+        verdicts: verdicts.clone(),
+        served: served.clone(),
+        identity_files: None,
+    };
+    tasks.spawn(
+        kube_source::run(
+            client.clone(),
+            mesh,
+            options.debounce,
+            outputs,
+            drain.clone(),
+        )
+        .instrument(info_span!("config_source")),
+    );
+    let (c, d) = (client.clone(), drain.clone());
+    tasks.spawn(
+        leader::while_leading(leading.subscribe(), drain.clone(), move || {
+            status::run(c.clone(), verdicts.subscribe(), served.clone(), d.clone())
+        })
+        .instrument(info_span!("status")),
+    );
+    let (c, d) = (client.clone(), drain.clone());
+    tasks.spawn(
+        leader::while_leading(leading.subscribe(), drain.clone(), move || {
+            namespaces::run(c.clone(), root_pem.clone(), d.clone())
+        })
+        .instrument(info_span!("namespace_controller")),
+    );
+    tasks.spawn(
+        leader::run(
+            client,
+            options.namespace,
+            options.identity,
+            options.leader_timing,
+            leading,
+            drain,
+        )
+        .instrument(info_span!("leader")),
+    );
 }
 
 /// weftd's gRPC servers, with the limits hostile clients meet: a proxy needs one ADS stream (and a CA
@@ -342,12 +527,14 @@ async fn renew_own_certificate(ca: Arc<Ca>, me: SpiffeId, cell: IdentityCell, dr
     }
 }
 
-/// `/metrics` in Prometheus text format, on Istio's control-plane monitoring port, and `/debug/nacks`:
-/// the recent NACKs with each proxy's `error_detail`, as JSON.
+/// `/metrics` in Prometheus text format, on Istio's control-plane monitoring port; `/ready`, 200 once
+/// config has been read in full (the first full sync on Kubernetes); and `/debug/nacks`: the recent
+/// NACKs with each proxy's `error_detail`, as JSON.
 async fn serve_metrics(
     listener: TcpListener,
     registry: Arc<Registry>,
     xds: XdsMetrics,
+    ready: watch::Receiver<bool>,
     drain: DrainWatcher,
 ) {
     let mut conns = JoinSet::new();
@@ -360,11 +547,23 @@ async fn serve_metrics(
         while conns.try_join_next().is_some() {}
         let registry = registry.clone();
         let xds = xds.clone();
+        let ready = ready.clone();
         let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
             let registry = registry.clone();
             let xds = xds.clone();
+            let ready = *ready.borrow();
             async move {
-                let (status, body) = if req.uri().path() == "/debug/nacks" {
+                let (status, body) = if req.uri().path() == "/ready" {
+                    if ready {
+                        (200, "ready\n".to_string())
+                    } else {
+                        (
+                            503,
+                            "not ready: the config source has not been read in full yet\n"
+                                .to_string(),
+                        )
+                    }
+                } else if req.uri().path() == "/debug/nacks" {
                     match serde_json::to_string_pretty(&xds.recent_nacks()) {
                         Ok(json) => (200, json),
                         Err(e) => (500, format!("cannot encode NACKs: {e}")),

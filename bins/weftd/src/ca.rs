@@ -1,5 +1,6 @@
 //! The CA service on 15012: Istio's `CreateCertificate`, signing a workload's CSR for the identity the
-//! caller proved, either with a bootstrap token (`authorization: Bearer <token>`) or with the
+//! caller proved, either with a bearer token (`authorization: Bearer <token>`: a bootstrap token, or on
+//! Kubernetes a service-account token the API server reviews) or with the
 //! certificate it already holds (renewal). Also writes what a workload needs to start: the trust bundle
 //! and one bootstrap token per service account.
 
@@ -52,7 +53,7 @@ impl Lifetimes {
 
 pub struct CaService {
     pub ca: Arc<Ca>,
-    pub tokens: Arc<BootstrapTokens>,
+    pub authority: TokenAuthority,
     pub trust_domain: String,
     pub lifetimes: Lifetimes,
     pub metrics: CaMetrics,
@@ -103,28 +104,60 @@ impl CaMetrics {
     }
 }
 
-/// Who the caller is: a valid bootstrap token wins (it is how a workload gets its first certificate),
-/// else the SPIFFE id of its client certificate.
-fn authenticate(
+/// Who vouches for a bearer token: weftd itself (bootstrap tokens, for the directory source) or the
+/// Kubernetes API server (a service-account token for audience `istio-ca`, checked by TokenReview).
+#[derive(Clone, Debug)]
+pub enum TokenAuthority {
+    Bootstrap(Arc<BootstrapTokens>),
+    Kubernetes(Box<crate::kubernetes::token_review::Reviewer>),
+}
+
+impl TokenAuthority {
+    async fn verify(&self, token: &str, trust_domain: &str) -> Result<SpiffeId, Status> {
+        match self {
+            Self::Bootstrap(tokens) => verify_bootstrap(tokens, trust_domain, token),
+            Self::Kubernetes(reviewer) => {
+                use crate::kubernetes::token_review::Refusal;
+                match reviewer.review(token).await {
+                    Ok((ns, sa)) => Ok(SpiffeId::new(trust_domain, &ns, &sa)),
+                    Err(e @ Refusal::Unauthenticated(_)) => {
+                        Err(Status::unauthenticated(e.to_string()))
+                    }
+                    Err(e @ Refusal::Unavailable(_)) => Err(Status::unavailable(e.to_string())),
+                }
+            }
+        }
+    }
+}
+
+fn verify_bootstrap(
     tokens: &BootstrapTokens,
     trust_domain: &str,
-    bearer: Option<&str>,
+    token: &str,
+) -> Result<SpiffeId, Status> {
+    match tokens.verify(token) {
+        Some(id) if id.trust_domain == trust_domain => Ok(id),
+        Some(id) => Err(Status::permission_denied(format!(
+            "the token is for {id}, outside trust domain {trust_domain}"
+        ))),
+        None => Err(Status::unauthenticated(
+            "the bootstrap token is not one this weftd issued (tokens change when weftd restarts; read the file again)",
+        )),
+    }
+}
+
+/// Who the caller is: the identity its bearer token proves wins (it is how a workload gets its first
+/// certificate), else the SPIFFE id of its client certificate.
+fn authenticate(
+    bearer: Option<Result<SpiffeId, Status>>,
     certificate: Option<SpiffeId>,
 ) -> Result<SpiffeId, Status> {
-    if let Some(token) = bearer {
-        return match tokens.verify(token) {
-            Some(id) if id.trust_domain == trust_domain => Ok(id),
-            Some(id) => Err(Status::permission_denied(format!(
-                "the token is for {id}, outside trust domain {trust_domain}"
-            ))),
-            None => Err(Status::unauthenticated(
-                "the bootstrap token is not one this weftd issued (tokens change when weftd restarts; read the file again)",
-            )),
-        };
+    if let Some(proved) = bearer {
+        return proved;
     }
     certificate.ok_or_else(|| {
         Status::unauthenticated(
-            "no bootstrap token (authorization: Bearer) and no client certificate: the CA cannot tell who is asking",
+            "no bearer token (authorization: Bearer) and no client certificate: the CA cannot tell who is asking",
         )
     })
 }
@@ -142,13 +175,11 @@ impl IstioCertificateService for CaService {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_string);
-        let caller = authenticate(
-            &self.tokens,
-            &self.trust_domain,
-            bearer.as_deref(),
-            certificate,
-        )
-        .map_err(|s| self.metrics.refuse(s))?;
+        let proved = match &bearer {
+            Some(token) => Some(self.authority.verify(token, &self.trust_domain).await),
+            None => None,
+        };
+        let caller = authenticate(proved, certificate).map_err(|s| self.metrics.refuse(s))?;
         // A Pod may name any service account in its manifest; the control plane's is never a
         // workload's, or that workload could serve xDS and the CA to every proxy.
         if caller == crate::app::control_plane_identity(&self.trust_domain) {
@@ -276,7 +307,8 @@ mod tests {
             ),
         ];
         for (name, bearer, cert, want) in cases {
-            let got = authenticate(&tokens, "cluster.local", bearer.as_deref(), cert);
+            let proved = bearer.map(|t| verify_bootstrap(&tokens, "cluster.local", &t));
+            let got = authenticate(proved, cert);
             match (got, want) {
                 (Ok(id), Ok(w)) => assert_eq!(&id, w, "{name}"),
                 (Err(s), Err(code)) => assert_eq!(s.code(), code, "{name}: {}", s.message()),
@@ -338,7 +370,7 @@ mod tests {
                 )
                 .expect("ca"),
             ),
-            tokens: tokens.clone(),
+            authority: TokenAuthority::Bootstrap(tokens.clone()),
             trust_domain: "cluster.local".into(),
             lifetimes: Lifetimes::default(),
             metrics: CaMetrics::new(&mut Registry::default()),

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod authz;
 pub mod ca;
+pub mod kubernetes;
 pub mod peer_auth;
 pub mod registry;
 pub mod source;

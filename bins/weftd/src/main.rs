@@ -10,10 +10,25 @@ use weftd::{
 #[derive(Debug, Parser)]
 #[command(name = "weftd", version)]
 struct Args {
+    /// Where config comes from: `dir` (a directory of YAML manifests, `--config-dir`) or `kubernetes`
+    /// (the API server, as istiod reads it).
+    #[arg(long, env = "WEFTD_SOURCE", default_value = "dir")]
+    source: SourceKind,
     /// Directory of YAML manifests (Services, EndpointSlices, Pods, ServiceEntries, WorkloadEntries,
     /// VirtualServices, DestinationRules, Sidecars); changes are picked up without a restart.
     #[arg(long, env = "WEFTD_CONFIG_DIR")]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+    /// The kubeconfig for `--source kubernetes`. Default: the pod's service account when in a pod,
+    /// else `$KUBECONFIG`, else `~/.kube/config`.
+    #[arg(long, env = "WEFTD_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// weftd's own namespace on Kubernetes: its CA Secrets and its leader Lease live there.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    namespace: String,
+    /// This replica's name in the leader Lease. Default: `$POD_NAME`, else the host name with a
+    /// random suffix.
+    #[arg(long, env = "POD_NAME")]
+    replica_name: Option<String>,
     /// Address for plaintext xDS (Istio's 15010). It trusts what each node claims, so it is for trusted
     /// local use; an empty value turns it off, leaving the authenticated 15012.
     #[arg(long, env = "WEFTD_XDS_ADDRESS", default_value = "0.0.0.0:15010", value_parser = optional_address)]
@@ -23,7 +38,8 @@ struct Args {
     secure_address: SocketAddr,
     /// The CA in Istio's `cacerts` layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem). If
     /// the directory holds none, a self-signed root is created there and kept, so a restart keeps the
-    /// mesh's trust. Default: `<state dir>/ca`.
+    /// mesh's trust. Default: `<state dir>/ca`; with `--source kubernetes`, Secret `cacerts` in weftd's
+    /// namespace, else `istio-ca-secret` (created with a self-signed root if missing), as istiod.
     #[arg(long, env = "WEFTD_CA_DIR")]
     ca_dir: Option<PathBuf>,
     /// Where weftd keeps what must survive a restart (the self-signed CA). Default: `$STATE_DIRECTORY`,
@@ -60,7 +76,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let Args {
+        source,
         config_dir,
+        kubeconfig,
+        namespace,
+        replica_name,
         xds_address,
         secure_address,
         ca_dir,
@@ -77,13 +97,43 @@ fn main() -> ExitCode {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
-    let ca_dir = match (ephemeral_ca, ca_dir) {
-        (true, _) => None,
-        (false, Some(dir)) => Some(dir),
-        (false, None) => Some(state_dir.unwrap_or_else(default_state_dir).join("ca")),
+    let (source, ca_dir) = match (source, config_dir) {
+        (SourceKind::Dir, Some(config_dir)) => {
+            let ca_dir = match (ephemeral_ca, ca_dir) {
+                (true, _) => None,
+                (false, Some(dir)) => Some(dir),
+                (false, None) => Some(state_dir.unwrap_or_else(default_state_dir).join("ca")),
+            };
+            let source = app::Source::Dir {
+                config_dir,
+                poll_interval: Duration::from_millis(500),
+            };
+            (source, ca_dir)
+        }
+        (SourceKind::Kubernetes, None) => {
+            if ephemeral_ca || identity_dir.is_some() {
+                eprintln!(
+                    "weftd: --ephemeral-ca and --identity-dir are for --source dir; on Kubernetes the CA lives in Secrets and proxies prove who they are with service-account tokens"
+                );
+                return ExitCode::FAILURE;
+            }
+            let identity = replica_name.unwrap_or_else(default_replica_name);
+            let options = app::KubeOptions::new(kubeconfig, namespace, identity);
+            (app::Source::Kubernetes(options), ca_dir)
+        }
+        (SourceKind::Kubernetes, Some(_)) => {
+            eprintln!(
+                "weftd: --config-dir is for --source dir; with --source kubernetes config comes from the API server"
+            );
+            return ExitCode::FAILURE;
+        }
+        (SourceKind::Dir, None) => {
+            eprintln!("weftd: --source dir needs --config-dir");
+            return ExitCode::FAILURE;
+        }
     };
     let config = app::Config {
-        config_dir,
+        source,
         xds_address: xds_address.0,
         secure_address,
         monitoring_address,
@@ -92,7 +142,6 @@ fn main() -> ExitCode {
             trust_domain,
             path_normalization,
         },
-        poll_interval: Duration::from_millis(500),
         ca_dir,
         identity_dir,
         lifetimes: Default::default(),
@@ -127,6 +176,20 @@ async fn run(config: app::Config) -> anyhow::Result<()> {
     }
     server.await??;
     Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    Dir,
+    Kubernetes,
+}
+
+/// As client-go names a leader candidate outside a pod: the host name, made unique per process.
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "weftd".into());
+    format!("{host}_{:08x}", rand::random::<u32>())
 }
 
 /// `--xds-address`: an address, or empty for none.
