@@ -26,6 +26,8 @@ use tokio::{
 };
 use weft_drain::{DrainTrigger, DrainWatcher};
 
+pub mod cluster;
+
 /// A fresh loopback address for each workload, so tests running in parallel never share ports.
 pub fn next_ip() -> IpAddr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -70,6 +72,10 @@ pub struct Mesh {
     tasks: JoinSet<()>,
     /// weftd drains on its own trigger too, so a test can take the control plane away and bring it back.
     weftd: Option<(DrainTrigger, tokio::task::JoinHandle<()>)>,
+    /// With `Some`, weftd reads the Kubernetes API instead of `dir`.
+    kube: Option<weftd::app::KubeOptions>,
+    /// The namespace the test's pods (and proxies) are in.
+    pub namespace: String,
 }
 
 /// A running proxy's endpoints and its applied config.
@@ -82,6 +88,19 @@ pub struct Proxy {
 
 impl Mesh {
     pub async fn start(manifests: &[(&str, String)]) -> Self {
+        Self::start_with(manifests, None, "test").await
+    }
+
+    /// weftd on the Kubernetes API, for proxies in `namespace`.
+    pub async fn start_on_kubernetes(options: weftd::app::KubeOptions, namespace: &str) -> Self {
+        Self::start_with(&[], Some(options), namespace).await
+    }
+
+    async fn start_with(
+        manifests: &[(&str, String)],
+        kube: Option<weftd::app::KubeOptions>,
+        namespace: &str,
+    ) -> Self {
         // Failures print what the components logged; RUST_LOG=info shows the whole story.
         weft_telemetry::init_tracing_with_default("warn");
         static N: AtomicUsize = AtomicUsize::new(0);
@@ -105,6 +124,8 @@ impl Mesh {
             watcher,
             tasks: JoinSet::new(),
             weftd: None,
+            kube,
+            namespace: namespace.to_string(),
         };
         mesh.start_weftd().await;
         mesh
@@ -112,10 +133,14 @@ impl Mesh {
 
     /// Starts weftd, on the same addresses as before when it ran already, so proxies find it again.
     pub async fn start_weftd(&mut self) {
+        let on_kubernetes = self.kube.is_some();
         let app = weftd::app::build(weftd::app::Config {
-            source: weftd::app::Source::Dir {
-                config_dir: self.dir.clone(),
-                poll_interval: Duration::from_millis(50),
+            source: match &self.kube {
+                Some(options) => weftd::app::Source::Kubernetes(options.clone()),
+                None => weftd::app::Source::Dir {
+                    config_dir: self.dir.clone(),
+                    poll_interval: Duration::from_millis(50),
+                },
             },
             xds_address: Some(self.xds),
             secure_address: self.secure,
@@ -124,8 +149,9 @@ impl Mesh {
                 access_log_file: self.dir.join("access.log").display().to_string(),
                 ..Default::default()
             },
-            ca_dir: Some(self.dir.join("ca")),
-            identity_dir: Some(self.identity_dir()),
+            // On Kubernetes the CA lives in Secrets and proxies prove who they are with tokens.
+            ca_dir: (!on_kubernetes).then(|| self.dir.join("ca")),
+            identity_dir: (!on_kubernetes).then(|| self.identity_dir()),
             lifetimes: Default::default(),
         })
         .await
@@ -211,7 +237,7 @@ impl Mesh {
         let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
         let mut vars: Vec<(String, String)> = vec![
             ("POD_NAME".into(), pod.into()),
-            ("POD_NAMESPACE".into(), "test".into()),
+            ("POD_NAMESPACE".into(), self.namespace.clone()),
             ("INSTANCE_IP".into(), ip.to_string()),
             ("SERVICE_ACCOUNT".into(), pod.into()),
             // Connections of a changed listener go on this long; short, so tests see the end of it.

@@ -1,0 +1,548 @@
+//! weftd against a real kube-apiserver (1.20, from Debian's source; `cargo xtask test` starts one and
+//! runs these with `--ignored --test-threads=1`). weftd always runs with only the rights
+//! `manifests/weftd-rbac.yaml` grants, so a missing rule fails here first.
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use http::StatusCode;
+use serde_json::{Value, json};
+use weft_certs::{PeerPolicy, SpiffeId, WorkloadKey};
+use weft_integration::{
+    Mesh, cluster::Cluster, get_text, http1_client, next_ip, send, service, sidecar, wait_for,
+};
+use weft_xds::istio_ca::{
+    IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+};
+use weftd::kubernetes::{KubeOptions, leader::Timing, namespaces};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// weftd's own namespace and least-privilege credentials, with a lease short enough for a test.
+async fn weftd_options(cluster: &Cluster, namespace: Option<&str>) -> KubeOptions {
+    static REPLICA: AtomicUsize = AtomicUsize::new(0);
+    let namespace = match namespace {
+        Some(ns) => ns.to_string(),
+        None => cluster.namespace("weft-system").await,
+    };
+    let kubeconfig = cluster.weftd_kubeconfig(&namespace).await;
+    let mut options = KubeOptions::new(
+        Some(kubeconfig),
+        namespace,
+        format!("replica-{}", REPLICA.fetch_add(1, Ordering::Relaxed)),
+    );
+    options.leader_timing = Timing {
+        lease: Duration::from_secs(4),
+        renew_deadline: Duration::from_secs(3),
+        retry: Duration::from_millis(300),
+    };
+    options
+}
+
+async fn wait_ready(monitoring: SocketAddr) {
+    wait_for("weftd's /ready", WAIT, || async {
+        get_text(monitoring, "/ready")
+            .await
+            .ok()
+            .filter(|(s, _)| *s == StatusCode::OK)
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// The reason weftd wrote on an object it refuses, once it has.
+async fn refusal(cluster: &Cluster, kind: &str, ns: &str, name: &str) -> Option<String> {
+    let obj = cluster
+        .get("networking.istio.io/v1beta1", kind, ns, name)
+        .await?;
+    let conditions = obj.data.pointer("/status/conditions")?.as_array()?.clone();
+    conditions
+        .iter()
+        .find(|c| c["type"] == "Accepted" && c["status"] == "False")
+        .and_then(|c| c["message"].as_str().map(str::to_string))
+}
+
+fn object(api_version: &str, kind: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec})
+}
+
+/// Istio's CRDs as Weft ships them take Istio's own examples in every served version; weftd reads the
+/// kinds it acts on and writes why on each object it refuses (a kind it does not act on, a field it
+/// does not know), then clears that when the object is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn istio_objects_in_every_version_are_read_and_refusals_are_written_to_status() {
+    let cluster = Cluster::connect().await;
+    let ns = cluster.namespace("weft-crds").await;
+    let examples: [(&str, &str, &[&str], Value); 7] = [
+        (
+            "networking.istio.io",
+            "VirtualService",
+            &["v1alpha3", "v1beta1", "v1"],
+            json!({"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews", "subset": "v1"}}]}]}),
+        ),
+        (
+            "networking.istio.io",
+            "DestinationRule",
+            &["v1alpha3", "v1beta1", "v1"],
+            json!({"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}),
+        ),
+        (
+            "networking.istio.io",
+            "ServiceEntry",
+            &["v1alpha3", "v1beta1", "v1"],
+            json!({"hosts": ["api.example.com"], "ports": [{"number": 443, "name": "https", "protocol": "TLS"}], "resolution": "STATIC", "location": "MESH_EXTERNAL", "endpoints": [{"address": "10.8.8.8"}]}),
+        ),
+        (
+            "networking.istio.io",
+            "Sidecar",
+            &["v1alpha3", "v1beta1", "v1"],
+            json!({"workloadSelector": {"labels": {"app": "none"}}, "egress": [{"hosts": ["./*", "istio-system/*"]}]}),
+        ),
+        (
+            "networking.istio.io",
+            "WorkloadEntry",
+            &["v1alpha3", "v1beta1", "v1"],
+            json!({"address": "10.9.9.9", "labels": {"app": "vm"}, "serviceAccount": "vm"}),
+        ),
+        (
+            "security.istio.io",
+            "PeerAuthentication",
+            &["v1beta1", "v1"],
+            json!({"selector": {"matchLabels": {"app": "none"}}, "mtls": {"mode": "STRICT"}}),
+        ),
+        (
+            "security.istio.io",
+            "AuthorizationPolicy",
+            &["v1beta1", "v1"],
+            json!({"selector": {"matchLabels": {"app": "none"}}, "action": "ALLOW", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/sleep"]}}]}]}),
+        ),
+    ];
+    let mut accepted = Vec::new();
+    for (group, kind, versions, spec) in &examples {
+        for version in *versions {
+            let name = format!("{}-{version}", kind.to_lowercase());
+            let doc = object(&format!("{group}/{version}"), kind, &name, spec.clone());
+            let created = cluster.create(doc, &ns).await;
+            let created = created.unwrap_or_else(|e| panic!("{kind} {version}: {e}"));
+            assert_eq!(created.metadata.name.as_deref(), Some(name.as_str()));
+            accepted.push((*group, *kind, name));
+        }
+    }
+    let gateway = object(
+        "networking.istio.io/v1",
+        "Gateway",
+        "ingress",
+        json!({"selector": {"istio": "ingressgateway"}, "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}),
+    );
+    cluster.create(gateway, &ns).await.expect("a Gateway");
+    let unknown_field = object(
+        "networking.istio.io/v1",
+        "VirtualService",
+        "typo",
+        json!({"hosts": ["reviews"], "htttp": []}),
+    );
+    cluster
+        .create(unknown_field, &ns)
+        .await
+        .expect("the server keeps unknown fields");
+
+    let options = weftd_options(&cluster, None).await;
+    let mesh = Mesh::start_on_kubernetes(options, &ns).await;
+    wait_ready(mesh.monitoring).await;
+    let gateway_reason = wait_for("the Gateway's status", WAIT, || {
+        refusal(&cluster, "Gateway", &ns, "ingress")
+    })
+    .await;
+    assert!(
+        gateway_reason.contains("does not act on Gateway"),
+        "{gateway_reason}"
+    );
+    let typo_reason = wait_for("the typo's status", WAIT, || {
+        refusal(&cluster, "VirtualService", &ns, "typo")
+    })
+    .await;
+    assert!(typo_reason.contains("htttp"), "{typo_reason}");
+    // Written in the same pass as the refusals: every example was read without one.
+    for (group, kind, name) in &accepted {
+        let obj = cluster
+            .get(&format!("{group}/v1beta1"), kind, &ns, name)
+            .await
+            .expect("still there");
+        assert!(
+            obj.data.pointer("/status/conditions").is_none(),
+            "{kind} {name} was refused: {:?}",
+            obj.data.get("status")
+        );
+    }
+
+    // Fixed, the refusal goes.
+    let fix = json!({"spec": {"htttp": null, "http": [{"route": [{"destination": {"host": "reviews"}}]}]}});
+    cluster
+        .merge("networking.istio.io/v1", "VirtualService", &ns, "typo", fix)
+        .await;
+    wait_for("the typo's status to clear", WAIT, || async {
+        let obj = cluster
+            .get("networking.istio.io/v1", "VirtualService", &ns, "typo")
+            .await?;
+        let cleared = obj.data.pointer("/spec/htttp").is_none()
+            && obj.data.pointer("/status/conditions").is_none();
+        cleared.then_some(())
+    })
+    .await;
+    mesh.shutdown().await;
+}
+
+fn all_to(subset: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: backend, namespace: test}}\nspec:\n  host: backend\n  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: backend, namespace: test}}\nspec:\n  hosts: [backend]\n  http: [{{route: [{{destination: {{host: backend, subset: {subset}}}}}]}}]\n"
+    )
+}
+
+/// Config created, updated and deleted through the API reaches proxies with no failed request, and
+/// survives the API server going away: proxies keep serving, and weftd's watches resume when it is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn changes_through_the_api_reach_proxies_without_failed_requests_and_outlive_an_api_server_restart()
+ {
+    let cluster = Cluster::connect().await;
+    let ns = cluster.namespace("weft-traffic").await;
+    let options = weftd_options(&cluster, None).await;
+    let mut mesh = Mesh::start_on_kubernetes(options, &ns).await;
+    let drain = mesh.watcher();
+    let mut apps = Vec::new();
+    for v in ["v1", "v2"] {
+        let (addr, _, task) =
+            weft_integration::http_backend(&format!("backend-{v}"), drain.clone()).await;
+        mesh.spawn(task);
+        apps.push((next_ip(), v, addr));
+    }
+    drop(drain);
+    let pods: Vec<(std::net::IpAddr, String, &str)> = apps
+        .iter()
+        .map(|(ip, v, _)| (*ip, format!("backend-{v}-0"), *v))
+        .collect();
+    let endpoints: Vec<(std::net::IpAddr, &str, &str)> = pods
+        .iter()
+        .map(|(ip, p, v)| (*ip, p.as_str(), *v))
+        .collect();
+    let mut manifests = service("backend", "http", 9080, &endpoints);
+    for (_, v, addr) in &apps {
+        manifests.push_str(&sidecar(
+            &format!("backend-{v}"),
+            &[("app", "backend"), ("version", v)],
+            &[(9080, "HTTP", *addr)],
+            &[],
+        ));
+    }
+    manifests.push_str(&sidecar(
+        "client",
+        &[("app", "client")],
+        &[],
+        &[(9080, "HTTP")],
+    ));
+    cluster.apply(&manifests, &ns).await;
+    cluster.apply(&all_to("v1"), &ns).await;
+    wait_ready(mesh.monitoring).await;
+    for (ip, v, _) in &apps {
+        let p = mesh
+            .proxy(
+                &format!("backend-{v}-0"),
+                *ip,
+                &[("app", "backend"), ("version", v)],
+            )
+            .await;
+        // Not `ready()`: this Sidecar lets the proxy see every namespace's services, and some in a
+        // shared cluster have no endpoints (`kubernetes.default` here has none).
+        let mut state = p.state.clone();
+        wait_for("the backend's inbound listener", WAIT, || {
+            let listening = !state.borrow_and_update().listeners.is_empty();
+            async move { listening.then_some(()) }
+        })
+        .await;
+    }
+    let client_ip = next_ip();
+    let mut client = mesh
+        .proxy("client-0", client_ip, &[("app", "client")])
+        .await;
+    client.ready(1).await;
+    let egress = SocketAddr::new(client_ip, 9080);
+    let backend_now = || async move {
+        send(&http1_client(), egress, "GET", "backend", "/", &[])
+            .await
+            .ok()
+            .filter(|r| r.status == StatusCode::OK)
+            .map(|r| r.backend())
+    };
+    wait_for("traffic to v1", WAIT, || async {
+        (backend_now().await.as_deref() == Some("backend-v1")).then_some(())
+    })
+    .await;
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let client = http1_client();
+        let (mut ok, mut failed) = (0, Vec::new());
+        loop {
+            match send(&client, egress, "GET", "backend", "/", &[]).await {
+                Ok(r) if r.status == StatusCode::OK => ok += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+            if *stop_rx.borrow_and_update() {
+                return (ok, failed);
+            }
+        }
+    });
+    // Update: the route moves to v2.
+    cluster.apply(&all_to("v2"), &ns).await;
+    wait_for("traffic to move to v2", WAIT, || async {
+        (backend_now().await.as_deref() == Some("backend-v2")).then_some(())
+    })
+    .await;
+    // Delete: with no VirtualService the service's endpoints share the traffic.
+    cluster.delete(&all_to("v2"), &ns).await;
+    wait_for(
+        "traffic to reach v1 again without a route",
+        WAIT,
+        || async { (backend_now().await.as_deref() == Some("backend-v1")).then_some(()) },
+    )
+    .await;
+
+    // The API server goes away and comes back; proxies serve meanwhile from the config they hold.
+    let run_dir = std::path::PathBuf::from(std::env::var_os("KUBE_RUN").expect("KUBE_RUN"));
+    let pid = std::fs::read_to_string(run_dir.join("kube-apiserver.pid")).expect("the pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    for _ in 0..20 {
+        assert!(
+            backend_now().await.is_some(),
+            "proxies serve while the API server is down"
+        );
+    }
+    let up = std::process::Command::new("bash")
+        .arg(std::env::var_os("WEFT_TEST_KUBE_UP").expect("WEFT_TEST_KUBE_UP"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("kube-up");
+    assert!(up.success(), "the API server restarts");
+    cluster.apply(&all_to("v2"), &ns).await;
+    wait_for(
+        "a change after the restart to reach the proxy",
+        Duration::from_secs(60),
+        || async { (backend_now().await.as_deref() == Some("backend-v2")).then_some(()) },
+    )
+    .await;
+
+    let _ = stop_tx.send(true);
+    let (ok, failed) = load.await.expect("load task");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 0);
+    mesh.shutdown().await;
+}
+
+/// The CA signs for the service account the API server says a token belongs to, and nothing else;
+/// the trust bundle it signs under is in every namespace, kept as weftd wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn service_account_tokens_prove_identity_and_every_namespace_holds_the_root() {
+    let cluster = Cluster::connect().await;
+    let ns = cluster.namespace("weft-ca").await;
+    let options = weftd_options(&cluster, None).await;
+    let mesh = Mesh::start_on_kubernetes(options, &ns).await;
+    wait_ready(mesh.monitoring).await;
+
+    let bundle_in = |namespace: String| {
+        let cluster = &cluster;
+        async move {
+            let cm = cluster
+                .get("v1", "ConfigMap", &namespace, namespaces::CONFIG_MAP)
+                .await?;
+            cm.data
+                .pointer(&format!("/data/{}", namespaces::KEY))?
+                .as_str()
+                .map(str::to_string)
+        }
+    };
+    let root = wait_for("the root in the test namespace", WAIT, || {
+        bundle_in(ns.clone())
+    })
+    .await;
+    assert!(root.contains("BEGIN CERTIFICATE"));
+    // A namespace made later gets it too, and an edit or a delete is undone.
+    let later = cluster.namespace("weft-later").await;
+    let got = wait_for("the root in a new namespace", WAIT, || {
+        bundle_in(later.clone())
+    })
+    .await;
+    assert_eq!(got, root);
+    cluster
+        .apply(
+            &format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {}, namespace: test}}\ndata: {{{}: tampered}}\n", namespaces::CONFIG_MAP, namespaces::KEY),
+            &later,
+        )
+        .await;
+    wait_for("the edit to be undone", WAIT, || async {
+        (bundle_in(later.clone()).await.as_deref() == Some(root.as_str())).then_some(())
+    })
+    .await;
+
+    let istiod = PeerPolicy::DnsName(weftd::app::CONTROL_PLANE_DNS_NAME.into());
+    let tls = weft_certs::anonymous_client_config(&root, istiod, &["h2"]).expect("tls");
+    let channel = weft_xds::tls::channel(&format!("https://{}", mesh.secure), Some(tls))
+        .await
+        .expect("connects to 15012");
+    let mut ca = IstioCertificateServiceClient::new(channel);
+    let ask = |sa: &str, token: &str| {
+        let key = WorkloadKey::generate().expect("key");
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: key
+                .csr_pem(&SpiffeId::new("cluster.local", &ns, sa))
+                .expect("csr"),
+            validity_duration: 3600,
+            metadata: None,
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        req
+    };
+    let web = cluster.token(&ns, "web", "istio-ca").await;
+    let chain = ca
+        .create_certificate(ask("web", &web))
+        .await
+        .expect("web's token gets web's certificate")
+        .into_inner()
+        .cert_chain;
+    assert!(!chain.is_empty());
+    let other_audience = cluster.token(&ns, "web", "some-other-service").await;
+    let mut forged = web.clone();
+    forged.truncate(forged.len() - 4);
+    forged.push_str("AAAA");
+    let cases = [
+        (
+            "another account's certificate",
+            ask("db", &web),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "a token for another audience",
+            ask("web", &other_audience),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "a forged token",
+            ask("web", &forged),
+            tonic::Code::Unauthenticated,
+        ),
+    ];
+    for (what, request, code) in cases {
+        let refused = ca.create_certificate(request).await.expect_err(what);
+        assert_eq!(refused.code(), code, "{what}: {}", refused.message());
+    }
+    mesh.shutdown().await;
+}
+
+/// Two replicas: both serve, one leads (and only it writes), and when it goes the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn of_two_replicas_one_leads_and_the_other_takes_over_when_it_goes() {
+    let cluster = Cluster::connect().await;
+    let system = cluster.namespace("weft-ha").await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let options = weftd_options(&cluster, Some(&system)).await;
+        let app = weftd::app::build(weftd::app::Config {
+            source: weftd::app::Source::Kubernetes(options.clone()),
+            xds_address: Some("127.0.0.1:0".parse().expect("addr")),
+            secure_address: "127.0.0.1:0".parse().expect("addr"),
+            monitoring_address: "127.0.0.1:0".parse().expect("addr"),
+            mesh: Default::default(),
+            ca_dir: None,
+            identity_dir: None,
+            lifetimes: Default::default(),
+        })
+        .await
+        .expect("weftd builds");
+        let leading = app.leading();
+        let monitoring = app.monitoring_address();
+        let root = app.root_pem().to_string();
+        let (trigger, watcher) = weft_drain::new();
+        let task = tokio::spawn(app.run(watcher));
+        replicas.push((options.identity, leading, monitoring, root, trigger, task));
+    }
+    assert_eq!(
+        replicas[0].3, replicas[1].3,
+        "both replicas share one root (istio-ca-secret)"
+    );
+    for r in &replicas {
+        wait_ready(r.2).await;
+    }
+    let leaders = || replicas.iter().filter(|r| *r.1.borrow()).count();
+    wait_for("a leader", WAIT, || async {
+        (leaders() == 1).then_some(())
+    })
+    .await;
+    let holder = || {
+        let (cluster, system) = (&cluster, system.clone());
+        async move {
+            cluster
+                .get(
+                    "coordination.k8s.io/v1",
+                    "Lease",
+                    &system,
+                    weftd::kubernetes::leader::LEASE_NAME,
+                )
+                .await?
+                .data
+                .pointer("/spec/holderIdentity")?
+                .as_str()
+                .map(str::to_string)
+        }
+    };
+    let leader = replicas
+        .iter()
+        .position(|r| *r.1.borrow())
+        .expect("one leads");
+    assert_eq!(holder().await.as_deref(), Some(replicas[leader].0.as_str()));
+    // Over a few renewals the other does not take over.
+    let mut leading = replicas[leader].1.clone();
+    leading.borrow_and_update();
+    for _ in 0..3 {
+        let renewed = tokio::time::timeout(Duration::from_secs(2), leading.changed()).await;
+        assert!(
+            renewed.is_err(),
+            "leadership stays put while the leader renews"
+        );
+        assert_eq!(leaders(), 1);
+    }
+
+    let (identity, _, _, _, trigger, task) = replicas.remove(leader);
+    trigger.drain().await;
+    task.await
+        .expect("joined")
+        .expect("the leader drains cleanly");
+    let successor = replicas[0].0.clone();
+    wait_for("the other replica to lead", WAIT, || async {
+        (*replicas[0].1.borrow()).then_some(())
+    })
+    .await;
+    let now = holder().await;
+    assert_eq!(now.as_deref(), Some(successor.as_str()), "was {identity}");
+    let (_, _, _, _, trigger, task) = replicas.remove(0);
+    trigger.drain().await;
+    task.await.expect("joined").expect("drains cleanly");
+}
