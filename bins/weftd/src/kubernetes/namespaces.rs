@@ -157,10 +157,20 @@ pub async fn run(client: Client, bundle: String, drain: DrainWatcher) {
     let mut events = stream::select(namespaces.boxed(), config_maps.boxed());
     let mut state = State::default();
     let mut failing = false;
+    // Namespaces whose write failed (the API server briefly away, say): tried again on a timer, as
+    // no event may come for them.
+    let mut retry = BTreeSet::new();
+    let mut retry_timer = tokio::time::interval(RETRY);
     info!("namespace controller started");
     loop {
         let event = tokio::select! {
             event = events.next() => event,
+            _ = retry_timer.tick(), if !retry.is_empty() => {
+                for namespace in std::mem::take(&mut retry) {
+                    reconcile(&client, &mut state, namespace, &bundle, &mut retry).await;
+                }
+                continue;
+            }
             () = drain.signaled() => return,
         };
         let Some(event) = event else { return };
@@ -178,16 +188,31 @@ pub async fn run(client: Client, bundle: String, drain: DrainWatcher) {
             }
         };
         for namespace in state.apply(event) {
-            if state.needs_write(&namespace, &bundle) {
-                match write(&client, &namespace, &bundle).await {
-                    Ok(()) => {
-                        debug!(%namespace, "wrote {CONFIG_MAP}");
-                        state.bundles.insert(namespace, Some(bundle.clone()));
-                    }
-                    // A namespace being deleted refuses writes; its next event says so.
-                    Err(e) => warn!(%namespace, error = %e, "cannot write {CONFIG_MAP}"),
-                }
-            }
+            reconcile(&client, &mut state, namespace, &bundle, &mut retry).await;
+        }
+    }
+}
+
+const RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn reconcile(
+    client: &Client,
+    state: &mut State,
+    namespace: String,
+    bundle: &str,
+    retry: &mut BTreeSet<String>,
+) {
+    if !state.needs_write(&namespace, bundle) {
+        return;
+    }
+    match write(client, &namespace, bundle).await {
+        Ok(()) => {
+            debug!(%namespace, "wrote {CONFIG_MAP}");
+            state.bundles.insert(namespace, Some(bundle.to_string()));
+        }
+        Err(e) => {
+            warn!(%namespace, error = %e, "cannot write {CONFIG_MAP}; trying again in {}s", RETRY.as_secs());
+            retry.insert(namespace);
         }
     }
 }
