@@ -574,4 +574,92 @@ mod tests {
         assert_eq!(pod.status.pod_ip.as_deref(), Some("10.1.1.1"));
         assert_eq!(pod.spec.service_account_name.as_deref(), Some("sa"));
     }
+
+    /// Builds wait for a burst of changes to settle, as istiod's debounce does, but a stream of
+    /// changes that never settles still gets a build every `max`.
+    #[tokio::test(start_paused = true)]
+    async fn changes_are_debounced_and_never_held_past_the_max() {
+        let kinds = watched_kinds();
+        let service = kinds
+            .iter()
+            .position(|k| k.kind == "Service")
+            .expect("watched");
+        let (tx, rx) = mpsc::channel(256);
+        let (publish, _) = watch::channel(Arc::new(Generator {
+            model: Arc::new(Model::default()),
+        }) as Arc<dyn SnapshotGenerator>);
+        let (verdicts, mut builds) = watch::channel(Arc::new(Vec::new()));
+        let (synced, mut synced_rx) = watch::channel(false);
+        let out = Outputs {
+            publish,
+            synced,
+            verdicts,
+            served: Served::default(),
+            identity_files: None,
+        };
+        let (trigger, drain) = weft_drain::new();
+        let debounce = Debounce {
+            after: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let task = tokio::spawn(aggregate(
+            kinds.clone(),
+            rx,
+            MeshOptions::default(),
+            debounce,
+            out,
+            drain,
+        ));
+        let mut count = || {
+            let n = usize::from(builds.has_changed().unwrap_or(false));
+            builds.borrow_and_update();
+            n
+        };
+        let apply = |n: usize| {
+            let svc = json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": format!("s{n}"), "namespace": "demo"},
+                "spec": {"ports": [{"port": 80}]}});
+            (
+                service,
+                Change::Apply(("demo".into(), format!("s{n}")), svc),
+            )
+        };
+
+        // Nothing is built until every kind has been listed.
+        for i in 0..kinds.len() - 1 {
+            tx.send((i, Change::Replace(BTreeMap::new())))
+                .await
+                .expect("sent");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(count(), 0);
+        assert!(!*synced_rx.borrow_and_update());
+        tx.send((kinds.len() - 1, Change::Absent))
+            .await
+            .expect("sent");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(count(), 1, "the first full sync builds at once");
+        assert!(*synced_rx.borrow());
+
+        // A burst of five changes 50 ms apart: one build, 100 ms after the last.
+        for n in 0..5 {
+            tx.send(apply(n)).await.expect("sent");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(count(), 0, "not while the burst goes on");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(count(), 1);
+
+        // Changes every 50 ms for 2.5 s: a build each second all the same.
+        let mut built = 0;
+        for n in 5..55 {
+            tx.send(apply(n)).await.expect("sent");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            built += count();
+        }
+        assert_eq!(built, 2);
+        drop(tx);
+        task.await.expect("the aggregator ends with its watchers");
+        drop(trigger);
+    }
 }
