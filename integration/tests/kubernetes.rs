@@ -205,7 +205,7 @@ fn all_to(subset: &str) -> String {
 
 /// Config created, updated and deleted through the API reaches proxies with no failed request, and
 /// survives the API server going away: proxies keep serving, and weftd's watches resume when it is
-/// back.
+/// back. Then a ServiceEntry and an AuthorizationPolicy are followed the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
 async fn changes_through_the_api_reach_proxies_without_failed_requests_and_outlive_an_api_server_restart()
@@ -350,6 +350,58 @@ async fn changes_through_the_api_reach_proxies_without_failed_requests_and_outli
         ok + failed.len()
     );
     assert!(ok > 0);
+
+    // A ServiceEntry: created, its endpoint moved, deleted.
+    let status_of = |host: &'static str| async move {
+        send(&http1_client(), egress, "GET", host, "/", &[])
+            .await
+            .ok()
+            .map(|r| (r.status, r.backend()))
+    };
+    let entry = |port: u16| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: external, namespace: test}}\nspec:\n  hosts: [external.example]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports: [{{number: 9080, name: http, protocol: HTTP}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]\n"
+        )
+    };
+    cluster.apply(&entry(apps[0].2.port()), &ns).await;
+    wait_for("the ServiceEntry to route", WAIT, || async {
+        (status_of("external.example").await == Some((StatusCode::OK, "backend-v1".into())))
+            .then_some(())
+    })
+    .await;
+    cluster.apply(&entry(apps[1].2.port()), &ns).await;
+    wait_for("the ServiceEntry's new endpoint", WAIT, || async {
+        (status_of("external.example").await == Some((StatusCode::OK, "backend-v2".into())))
+            .then_some(())
+    })
+    .await;
+    cluster.delete(&entry(apps[1].2.port()), &ns).await;
+    wait_for("the ServiceEntry to go", WAIT, || async {
+        status_of("external.example")
+            .await
+            .filter(|(s, _)| *s != StatusCode::OK)
+            .map(|_| ())
+    })
+    .await;
+
+    // An AuthorizationPolicy on the backends: created (requests denied), deleted (allowed again).
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: test}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: DENY\n  rules: [{}]\n";
+    cluster.apply(deny, &ns).await;
+    wait_for("the policy to deny", WAIT, || async {
+        status_of("backend")
+            .await
+            .filter(|(s, _)| *s == StatusCode::FORBIDDEN)
+            .map(|_| ())
+    })
+    .await;
+    cluster.delete(deny, &ns).await;
+    wait_for("the policy to go", WAIT, || async {
+        status_of("backend")
+            .await
+            .filter(|(s, _)| *s == StatusCode::OK)
+            .map(|_| ())
+    })
+    .await;
     mesh.shutdown().await;
 }
 
