@@ -168,9 +168,10 @@ impl Cluster {
         }
     }
 
-    /// Deletes every object `yaml` names.
+    /// Deletes every object `yaml` names, last first: a route goes before the subsets it names, the
+    /// order Istio tells users to delete in so no request meets a route to a missing subset.
     pub async fn delete(&self, yaml: &str, namespace: &str) {
-        for doc in docs(yaml, namespace) {
+        for doc in docs(yaml, namespace).into_iter().rev() {
             let (api, name, ar) = self.api(&doc, namespace);
             api.delete(&name, &DeleteParams::default())
                 .await
