@@ -598,3 +598,57 @@ async fn of_two_replicas_one_leads_and_the_other_takes_over_when_it_goes() {
     trigger.drain().await;
     task.await.expect("joined").expect("drains cleanly");
 }
+
+/// What the injector makes of Istio's samples is a pod the API server's own validation accepts, with
+/// the sidecar where the injector put it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn injected_samples_pass_the_api_servers_validation() {
+    use k8s_openapi::api::core::v1::Pod;
+    let cluster = Cluster::connect().await;
+    let ns = cluster.namespace("weft-inject").await;
+    let enabled =
+        std::collections::BTreeMap::from([("istio-injection".to_string(), "enabled".to_string())]);
+    let samples = [
+        include_str!("../../bins/weft-injector/testdata/productpage-pod.yaml"),
+        include_str!("../../bins/weft-injector/testdata/httpbin-pod.yaml"),
+        include_str!("../../bins/weft-injector/testdata/sleep-pod.yaml"),
+    ];
+    let pods: kube::Api<Pod> = kube::Api::namespaced(cluster.admin.clone(), &ns);
+    for sample in samples {
+        let mut pod: Pod = serde_saphyr::from_str(sample).expect("a pod");
+        // The sample's ReplicaSet is not in this cluster.
+        pod.metadata.owner_references = None;
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        cluster.service_account(&ns, &sa).await;
+        // 1.20 mounts a service account's token Secret into its pods; the controller makes it.
+        let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            kube::Api::namespaced(cluster.admin.clone(), &ns);
+        wait_for("the service account's token", WAIT, || async {
+            let account = accounts.get(&sa).await.ok()?;
+            account.secrets.filter(|s| !s.is_empty()).map(|_| ())
+        })
+        .await;
+        let injected = weft_injector::mutate(
+            &pod,
+            &ns,
+            Some(&enabled),
+            &weft_injector::InjectConfig::default(),
+        )
+        .expect("injected");
+        let created = pods
+            .create(&kube::api::PostParams::default(), &injected.pod)
+            .await
+            .unwrap_or_else(|e| panic!("the API server refuses the injected {sa} pod: {e}"));
+        let spec = created.spec.expect("spec");
+        assert_eq!(spec.containers[0].name, "istio-proxy");
+        assert_eq!(
+            spec.init_containers.expect("init containers")[0].name,
+            "istio-init"
+        );
+    }
+}

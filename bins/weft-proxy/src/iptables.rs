@@ -118,6 +118,40 @@ impl CaptureConfig {
         }
         self
     }
+
+    /// The `weft-proxy iptables` arguments that install these rules, as Istio's injector writes the
+    /// `istio-init` container's.
+    pub fn args(&self) -> Vec<String> {
+        let flags: [(&str, String); 11] = [
+            ("--envoy-port", self.outbound_port.to_string()),
+            ("--inbound-capture-port", self.inbound_port.to_string()),
+            ("--proxy-uid", self.proxy_uid.clone()),
+            ("--proxy-gid", self.proxy_gid.clone()),
+            ("--inbound-interception-mode", self.mode.clone()),
+            (
+                "--outbound-ip-ranges-include",
+                self.outbound_ip_ranges_include.clone(),
+            ),
+            (
+                "--outbound-ip-ranges-exclude",
+                self.outbound_ip_ranges_exclude.clone(),
+            ),
+            ("--inbound-ports", self.inbound_ports_include.clone()),
+            ("--local-exclude-ports", self.inbound_ports_exclude.clone()),
+            (
+                "--local-outbound-ports-exclude",
+                self.outbound_ports_exclude.clone(),
+            ),
+            ("--outbound-ports", self.outbound_ports_include.clone()),
+        ];
+        std::iter::once("iptables".to_string())
+            .chain(
+                flags
+                    .into_iter()
+                    .map(|(flag, value)| format!("{flag}={value}")),
+            )
+            .collect()
+    }
 }
 
 fn list(value: &str) -> impl Iterator<Item = &str> {

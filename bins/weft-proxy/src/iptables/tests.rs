@@ -264,3 +264,41 @@ fn cleanup_removes_jumps_before_chains() {
         Some("-X ISTIO_IN_REDIRECT")
     );
 }
+
+/// The injector writes `istio-init`'s arguments with `args()`; they must mean the same settings here.
+#[test]
+fn the_injectors_arguments_parse_back_into_the_same_settings() {
+    use clap::Parser;
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+    #[derive(Debug, clap::Subcommand)]
+    enum Command {
+        Iptables {
+            #[command(flatten)]
+            capture: CaptureConfig,
+        },
+    }
+    let annotations: BTreeMap<String, String> = [
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "3306,6379"),
+        ("traffic.sidecar.istio.io/includeInboundPorts", ""),
+        (
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "10.0.0.0/8",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for capture in [
+        CaptureConfig::default(),
+        CaptureConfig::default().with_annotations(&annotations),
+    ] {
+        let argv = std::iter::once("weft-proxy".to_string()).chain(capture.args());
+        let Command::Iptables { capture: parsed } =
+            Cli::try_parse_from(argv).expect("parses").command;
+        assert_eq!(parsed, capture);
+    }
+}

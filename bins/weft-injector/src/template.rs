@@ -1,0 +1,229 @@
+//! What a pod gets, as Istio's sidecar template gives it: the `istio-init` init container installing
+//! the capture rules from the pod's `traffic.sidecar.istio.io/*` annotations, the `istio-proxy`
+//! container (weft-proxy) with the downward-API environment Istio's agent reads, uid and gid 1337,
+//! the projected `istio-token` (audience `istio-ca`) and the `istio-ca-root-cert` ConfigMap, the
+//! labels and annotations Istio sets, and the proxy's requests and limits.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Volume};
+use serde_json::{Value, json};
+use weft_proxy::iptables::CaptureConfig;
+
+use crate::{InjectConfig, select};
+
+pub const PROXY_CONTAINER: &str = "istio-proxy";
+pub const INIT_CONTAINER: &str = "istio-init";
+pub const PROXY_UID: i64 = 1337;
+const TLS_MODE: &str = "security.istio.io/tlsMode";
+const CANONICAL_NAME: &str = "service.istio.io/canonical-name";
+const CANONICAL_REVISION: &str = "service.istio.io/canonical-revision";
+/// Per-pod overrides of the proxy's requests and limits.
+const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
+const PROXY_MEMORY: &str = "sidecar.istio.io/proxyMemory";
+const PROXY_CPU_LIMIT: &str = "sidecar.istio.io/proxyCPULimit";
+const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
+const VOLUMES: [&str; 4] = ["istio-envoy", "istio-data", "istio-token", "istiod-ca-cert"];
+
+/// The workload a pod belongs to, as Istio names it: a ReplicaSet's Deployment (the ReplicaSet's name
+/// without its hash), another owner's name, else the pod's name or its `generateName` stem.
+pub fn workload_name(pod: &Pod) -> (String, String) {
+    let meta = &pod.metadata;
+    if let Some(owner) = meta
+        .owner_references
+        .as_ref()
+        .and_then(|o| o.iter().find(|o| o.controller == Some(true)).or(o.first()))
+    {
+        if owner.kind == "ReplicaSet"
+            && let Some((deployment, _hash)) = owner.name.rsplit_once('-')
+        {
+            return ("Deployment".into(), deployment.to_string());
+        }
+        return (owner.kind.clone(), owner.name.clone());
+    }
+    let name = meta
+        .name
+        .clone()
+        .or_else(|| {
+            meta.generate_name
+                .as_ref()
+                .map(|g| g.trim_end_matches('-').to_string())
+        })
+        .unwrap_or_default();
+    ("Pod".into(), name)
+}
+
+/// The pod with its sidecar. Only what Istio's template adds is added; the app's containers are
+/// left as they were.
+pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Pod {
+    let mut pod = pod.clone();
+    let (owner_kind, workload) = workload_name(&pod);
+    let meta = &mut pod.metadata;
+    let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    let canonical_name = labels
+        .get("app.kubernetes.io/name")
+        .or(labels.get("app"))
+        .cloned()
+        .unwrap_or_else(|| workload.clone());
+    let canonical_revision = labels
+        .get("app.kubernetes.io/version")
+        .or(labels.get("version"))
+        .cloned()
+        .unwrap_or_else(|| "latest".into());
+    labels.insert(TLS_MODE.into(), "istio".into());
+    labels
+        .entry(CANONICAL_NAME.into())
+        .or_insert(canonical_name);
+    labels
+        .entry(CANONICAL_REVISION.into())
+        .or_insert(canonical_revision);
+    let labels = labels.clone();
+    let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    let spec = pod.spec.get_or_insert_with(PodSpec::default);
+    let app_containers: Vec<String> = spec.containers.iter().map(|c| c.name.clone()).collect();
+    let pod_ports: Vec<Value> = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| serde_json::to_value(p).ok())
+        .collect();
+
+    let capture = CaptureConfig::default().with_annotations(annotations);
+    let init = container(json!({
+        "name": INIT_CONTAINER,
+        "image": config.proxy_image,
+        "args": capture.args(),
+        // As Istio without its CNI plugin: root with NET_ADMIN and NET_RAW, for the capture rules only.
+        "securityContext": {
+            "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": false, "privileged": false,
+            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+        "resources": resources(annotations, config),
+    }));
+
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let env = json!([
+        {"name": "CA_ADDR", "value": config.discovery_address},
+        {"name": "WEFT_PROXY_XDS_ADDRESS", "value": format!("https://{}", config.discovery_address)},
+        {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "INSTANCE_IP", "valueFrom": field("status.podIP")},
+        {"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
+        {"name": "HOST_IP", "valueFrom": field("status.hostIP")},
+        {"name": "ISTIO_META_POD_PORTS", "value": Value::Array(pod_ports).to_string()},
+        {"name": "ISTIO_META_APP_CONTAINERS", "value": app_containers.join(",")},
+        {"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"},
+        {"name": "ISTIO_META_NODE_NAME", "valueFrom": field("spec.nodeName")},
+        {"name": "ISTIO_META_INTERCEPTION_MODE", "value": "REDIRECT"},
+        {"name": "ISTIO_META_WORKLOAD_NAME", "value": workload},
+        {"name": "ISTIO_META_OWNER", "value": owner(&owner_kind, namespace, &workload)},
+        {"name": "ISTIO_METAJSON_LABELS", "value": json!(labels).to_string()},
+    ]);
+    let mut proxy = json!({
+        "name": PROXY_CONTAINER,
+        "image": config.proxy_image,
+        "env": env,
+        "ports": [{"containerPort": weft_proxy::config::STATS_PORT, "name": "http-envoy-prom", "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz/ready", "port": 15021},
+            "periodSeconds": 15, "timeoutSeconds": 3, "failureThreshold": 4,
+        },
+        "resources": resources(annotations, config),
+        "securityContext": {
+            "runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": true, "privileged": false,
+            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "istio-envoy", "mountPath": "/etc/istio/proxy"},
+            {"name": "istio-data", "mountPath": "/var/lib/istio/data"},
+            {"name": "istio-token", "mountPath": "/var/run/secrets/tokens"},
+            {"name": "istiod-ca-cert", "mountPath": "/var/run/secrets/istio"},
+        ],
+    });
+    let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
+    init_containers.insert(0, init);
+    if config.native_sidecars {
+        // Started right after the capture rules, kept running beside the app, stopped after it.
+        proxy["restartPolicy"] = "Always".into();
+        init_containers.insert(1, container(proxy));
+    } else {
+        // First in the list, so the kubelet starts it before the app's containers.
+        spec.containers.insert(0, container(proxy));
+    }
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    volumes.extend(
+        [
+            json!({"name": "istio-envoy", "emptyDir": {"medium": "Memory"}}),
+            json!({"name": "istio-data", "emptyDir": {}}),
+            json!({"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": crate::AUDIENCE, "expirationSeconds": 43200, "path": "istio-token"}}]}}),
+            json!({"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}}),
+        ]
+        .into_iter()
+        .map(|v| serde_json::from_value::<Volume>(v).expect("the template's volumes are valid Volumes (tested)")),
+    );
+
+    let (init_names, container_names): (Vec<&str>, Vec<&str>) = if config.native_sidecars {
+        (vec![INIT_CONTAINER, PROXY_CONTAINER], vec![])
+    } else {
+        (vec![INIT_CONTAINER], vec![PROXY_CONTAINER])
+    };
+    annotations.insert(
+        select::STATUS_ANNOTATION.into(),
+        json!({
+            "initContainers": init_names,
+            "containers": container_names,
+            "volumes": VOLUMES,
+            "imagePullSecrets": null,
+            "revision": config.revision,
+        })
+        .to_string(),
+    );
+    // Scraped where the proxy serves its metrics, unless the pod says otherwise.
+    if annotations.get("prometheus.io/scrape").map(String::as_str) != Some("false") {
+        annotations
+            .entry("prometheus.io/scrape".into())
+            .or_insert_with(|| "true".into());
+        annotations
+            .entry("prometheus.io/port".into())
+            .or_insert_with(|| weft_proxy::config::STATS_PORT.to_string());
+        annotations
+            .entry("prometheus.io/path".into())
+            .or_insert_with(|| "/stats/prometheus".into());
+    }
+    pod
+}
+
+fn container(value: Value) -> Container {
+    serde_json::from_value(value).expect("the template's containers are valid Containers (tested)")
+}
+
+/// Istio's `ISTIO_META_OWNER`: the controlling object's API path.
+fn owner(kind: &str, namespace: &str, name: &str) -> String {
+    let (group, plural) = match kind {
+        "Deployment" => ("apis/apps/v1", "deployments"),
+        "StatefulSet" => ("apis/apps/v1", "statefulsets"),
+        "DaemonSet" => ("apis/apps/v1", "daemonsets"),
+        "ReplicaSet" => ("apis/apps/v1", "replicasets"),
+        "Job" => ("apis/batch/v1", "jobs"),
+        "CronJob" => ("apis/batch/v1", "cronjobs"),
+        _ => ("api/v1", "pods"),
+    };
+    format!("kubernetes://{group}/namespaces/{namespace}/{plural}/{name}")
+}
+
+fn resources(annotations: &BTreeMap<String, String>, config: &InjectConfig) -> Value {
+    let pick = |key: &str, default: &str| {
+        annotations
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    };
+    let r = &config.resources;
+    json!({
+        "requests": {"cpu": pick(PROXY_CPU, &r.cpu), "memory": pick(PROXY_MEMORY, &r.memory)},
+        "limits": {"cpu": pick(PROXY_CPU_LIMIT, &r.cpu_limit), "memory": pick(PROXY_MEMORY_LIMIT, &r.memory_limit)},
+    })
+}

@@ -1,0 +1,215 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+
+use super::*;
+
+/// Istio's samples, as the pods their Deployments make (bookinfo's productpage, httpbin, sleep).
+const PRODUCTPAGE: &str = include_str!("../testdata/productpage-pod.yaml");
+
+const HTTPBIN: &str = include_str!("../testdata/httpbin-pod.yaml");
+
+const SLEEP: &str = include_str!("../testdata/sleep-pod.yaml");
+
+fn pod(yaml: &str) -> Pod {
+    serde_saphyr::from_str(yaml).expect("a pod")
+}
+
+fn enabled() -> BTreeMap<String, String> {
+    BTreeMap::from([("istio-injection".to_string(), "enabled".to_string())])
+}
+
+fn env(c: &k8s_openapi::api::core::v1::Container) -> BTreeMap<String, Value> {
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let v = match (&e.value, &e.value_from) {
+                (Some(v), _) => json!(v),
+                (None, Some(from)) => serde_json::to_value(from).expect("json"),
+                (None, None) => Value::Null,
+            };
+            (e.name.clone(), v)
+        })
+        .collect()
+}
+
+#[test]
+fn istios_samples_get_istios_sidecar_field_by_field() {
+    let config = InjectConfig::default();
+    let original = pod(PRODUCTPAGE);
+    let injected = mutate(&original, "bookinfo", Some(&enabled()), &config).expect("injected");
+    let p = &injected.pod;
+    let spec = p.spec.as_ref().expect("spec");
+
+    // The app is left as it was, after the proxy.
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["istio-proxy", "productpage"]);
+    assert_eq!(
+        spec.containers[1],
+        original.spec.as_ref().expect("spec").containers[0]
+    );
+
+    let init = &spec.init_containers.as_ref().expect("init")[0];
+    assert_eq!(init.name, "istio-init");
+    let args = init.args.clone().unwrap_or_default();
+    assert_eq!(args[0], "iptables");
+    assert!(args.contains(&"--proxy-uid=1337".to_string()), "{args:?}");
+    assert!(args.contains(&"--local-exclude-ports=15090,15021,15020".to_string()));
+    let caps = init
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.clone());
+    assert_eq!(
+        caps,
+        Some(vec!["NET_ADMIN".to_string(), "NET_RAW".to_string()])
+    );
+
+    let proxy = &spec.containers[0];
+    assert_eq!(proxy.image.as_deref(), Some(config.proxy_image.as_str()));
+    let sc = proxy.security_context.as_ref().expect("security context");
+    assert_eq!((sc.run_as_user, sc.run_as_group), (Some(1337), Some(1337)));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let env = env(proxy);
+    assert_eq!(
+        env["POD_NAME"],
+        json!({"fieldRef": {"fieldPath": "metadata.name"}})
+    );
+    assert_eq!(
+        env["INSTANCE_IP"],
+        json!({"fieldRef": {"fieldPath": "status.podIP"}})
+    );
+    assert_eq!(
+        env["SERVICE_ACCOUNT"],
+        json!({"fieldRef": {"fieldPath": "spec.serviceAccountName"}})
+    );
+    assert_eq!(env["CA_ADDR"], "istiod.istio-system.svc:15012");
+    assert_eq!(env["ISTIO_META_WORKLOAD_NAME"], "productpage-v1");
+    assert_eq!(
+        env["ISTIO_META_OWNER"],
+        "kubernetes://apis/apps/v1/namespaces/bookinfo/deployments/productpage-v1"
+    );
+    assert_eq!(env["ISTIO_META_APP_CONTAINERS"], "productpage");
+    let labels: BTreeMap<String, String> =
+        serde_json::from_str(env["ISTIO_METAJSON_LABELS"].as_str().expect("text")).expect("json");
+    assert_eq!(labels["app"], "productpage");
+    assert_eq!(labels["security.istio.io/tlsMode"], "istio");
+    let mounts: Vec<&str> = proxy
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"/var/run/secrets/tokens") && mounts.contains(&"/var/run/secrets/istio")
+    );
+
+    let volumes = serde_json::to_value(spec.volumes.as_ref().expect("volumes")).expect("json");
+    assert_eq!(volumes[0]["name"], "tmp", "the app's volumes stay first");
+    let token = volumes
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "istio-token"))
+        .expect("the token volume");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "istio-ca"
+    );
+    let root = volumes
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "istiod-ca-cert"))
+        .expect("the root volume");
+    assert_eq!(root["configMap"]["name"], "istio-ca-root-cert");
+
+    let meta_labels = p.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        meta_labels["service.istio.io/canonical-name"],
+        "productpage"
+    );
+    assert_eq!(meta_labels["service.istio.io/canonical-revision"], "v1");
+    let annotations = p.metadata.annotations.as_ref().expect("annotations");
+    let status: Value =
+        serde_json::from_str(&annotations["sidecar.istio.io/status"]).expect("status json");
+    assert_eq!(status["containers"], json!(["istio-proxy"]));
+    assert_eq!(status["revision"], "default");
+    assert_eq!(annotations["prometheus.io/port"], "15090");
+
+    // The patch is what the webhook answers: applied to the pod as it came, it makes the injected one.
+    let mut patched = serde_json::to_value(&original).expect("json");
+    json_patch::patch(&mut patched, &injected.patch).expect("the patch applies");
+    assert_eq!(patched, serde_json::to_value(p).expect("json"));
+
+    // Idempotent: an injected pod is left alone.
+    let again = mutate(p, "bookinfo", Some(&enabled()), &config);
+    assert!(
+        matches!(again, Err(MutateError::Skipped(Skip::AlreadyInjected))),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn annotations_set_the_capture_rules_and_the_proxys_resources() {
+    let injected = mutate(
+        &pod(HTTPBIN),
+        "demo",
+        Some(&enabled()),
+        &InjectConfig::default(),
+    )
+    .expect("injected")
+    .pod;
+    let spec = injected.spec.expect("spec");
+    let init = &spec.init_containers.expect("init")[0];
+    assert!(
+        init.args
+            .iter()
+            .flatten()
+            .any(|a| a == "--local-outbound-ports-exclude=3306"),
+        "{:?}",
+        init.args
+    );
+    let resources = serde_json::to_value(&spec.containers[0].resources).expect("json");
+    assert_eq!(resources["requests"]["cpu"], "50m");
+    assert_eq!(resources["requests"]["memory"], "128Mi");
+    assert_eq!(resources["limits"]["memory"], "256Mi");
+    assert_eq!(resources["limits"]["cpu"], "2000m");
+}
+
+#[test]
+fn a_native_sidecar_runs_as_an_init_container_that_keeps_running() {
+    let config = InjectConfig {
+        native_sidecars: true,
+        ..Default::default()
+    };
+    let injected = mutate(&pod(SLEEP), "demo", Some(&enabled()), &config)
+        .expect("injected")
+        .pod;
+    let spec = injected.spec.expect("spec");
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["sleep"]);
+    let init = spec.init_containers.expect("init");
+    let init_names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(init_names, ["istio-init", "istio-proxy"]);
+    assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+    assert_eq!(init[0].restart_policy, None);
+    let proxy_env = env(&init[1]);
+    assert_eq!(proxy_env["ISTIO_META_WORKLOAD_NAME"], "sleep");
+    assert_eq!(
+        proxy_env["ISTIO_META_OWNER"],
+        "kubernetes://api/v1/namespaces/demo/pods/sleep"
+    );
+}
+
+#[test]
+fn skipped_pods_say_which_rule_skipped_them() {
+    let config = InjectConfig::default();
+    let unlabelled = BTreeMap::new();
+    let err = mutate(&pod(SLEEP), "demo", Some(&unlabelled), &config).expect_err("not selected");
+    assert!(err.to_string().contains("istio-injection=enabled"), "{err}");
+    let mut host = pod(SLEEP);
+    if let Some(spec) = host.spec.as_mut() {
+        spec.host_network = Some(true);
+    }
+    let err = mutate(&host, "demo", Some(&enabled()), &config).expect_err("host network");
+    assert!(err.to_string().contains("host's network"), "{err}");
+}
