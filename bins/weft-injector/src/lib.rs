@@ -3,6 +3,7 @@
 //! answered as the JSON Patch an admission webhook returns. The webhook and `weftctl kube-inject` only
 //! parse and serialize around these.
 
+pub mod admission;
 pub mod select;
 pub mod template;
 
