@@ -197,9 +197,12 @@ impl Cluster {
         name: &str,
         patch: Value,
     ) {
-        let (ar, _) = self.resource(api_version, kind);
-        Api::<DynamicObject>::namespaced_with(self.admin.clone(), namespace, &ar)
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        let (ar, scope) = self.resource(api_version, kind);
+        let api: Api<DynamicObject> = match scope {
+            Scope::Cluster => Api::all_with(self.admin.clone(), &ar),
+            Scope::Namespaced => Api::namespaced_with(self.admin.clone(), namespace, &ar),
+        };
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .unwrap_or_else(|e| panic!("patch {kind} {namespace}/{name}: {e}"));
     }

@@ -652,3 +652,181 @@ async fn injected_samples_pass_the_api_servers_validation() {
         );
     }
 }
+
+/// Istio's two default-revision webhooks as its chart writes them, pointed at an injector on this
+/// machine (kube-apiserver 1.20 reaches webhooks by URL).
+fn webhook_configuration(name: &str, url: &str) -> Value {
+    let webhook = |hook: &str, namespace_selector: Value, object_selector: Value| {
+        json!({
+            "name": hook,
+            "clientConfig": {"url": url},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": namespace_selector,
+            "objectSelector": object_selector,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "reinvocationPolicy": "Never",
+        })
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            webhook(
+                "namespace.sidecar-injector.istio.io",
+                json!({"matchExpressions": [{"key": "istio-injection", "operator": "In", "values": ["enabled"]}]}),
+                json!({"matchExpressions": [{"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}]}),
+            ),
+            webhook(
+                "object.sidecar-injector.istio.io",
+                json!({"matchExpressions": [
+                    {"key": "istio-injection", "operator": "DoesNotExist"},
+                    {"key": "istio.io/rev", "operator": "DoesNotExist"}]}),
+                json!({"matchExpressions": [
+                    {"key": "sidecar.istio.io/inject", "operator": "In", "values": ["true"]},
+                    {"key": "istio.io/rev", "operator": "DoesNotExist"}]}),
+            ),
+        ],
+    })
+}
+
+/// The webhook, called by the real API server: a labelled namespace's pods get a sidecar, an
+/// unlabelled one's do not, a pod's opt-out wins and its opt-in works anywhere; the injector keeps the
+/// webhook's caBundle and counts what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn the_webhook_injects_the_pods_istios_rules_select() {
+    use k8s_openapi::api::core::v1::Pod;
+    let cluster = Cluster::connect().await;
+    let name = format!("weft-injector-{}", std::process::id());
+    let injector = weft_injector::server::build(weft_injector::server::Config {
+        address: "127.0.0.1:0".parse().expect("addr"),
+        monitoring_address: "127.0.0.1:0".parse().expect("addr"),
+        dns_names: vec!["localhost".into()],
+        trust_domain: "cluster.local".into(),
+        inject: weft_injector::InjectConfig::default(),
+        webhook_configuration: Some(name.clone()),
+        kubeconfig: Some(cluster.kubeconfig.clone()),
+    })
+    .await
+    .expect("the injector builds");
+    let url = format!("https://localhost:{}/inject", injector.address().port());
+    let monitoring = injector.monitoring_address();
+    cluster
+        .create(webhook_configuration(&name, &url), "")
+        .await
+        .expect("the webhook configuration");
+    let (trigger, watcher) = weft_drain::new();
+    let task = tokio::spawn(injector.run(watcher));
+    wait_for("the injector to write the caBundle", WAIT, || async {
+        let config = cluster
+            .get(
+                "admissionregistration.k8s.io/v1",
+                "MutatingWebhookConfiguration",
+                "",
+                &name,
+            )
+            .await?;
+        let hooks = config.data["webhooks"].as_array()?.clone();
+        hooks
+            .iter()
+            .all(|h| h.pointer("/clientConfig/caBundle").is_some_and(|b| b != ""))
+            .then_some(())
+    })
+    .await;
+
+    let labelled = cluster.namespace("weft-injected").await;
+    cluster
+        .merge(
+            "v1",
+            "Namespace",
+            "",
+            &labelled,
+            json!({"metadata": {"labels": {"istio-injection": "enabled"}}}),
+        )
+        .await;
+    let plain = cluster.namespace("weft-plain").await;
+    let create = |ns: String, pod: &'static str, labels: Value| {
+        let cluster = &cluster;
+        async move {
+            cluster.service_account(&ns, "default").await;
+            let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                kube::Api::namespaced(cluster.admin.clone(), &ns);
+            wait_for("the default service account's token", WAIT, || async {
+                accounts
+                    .get("default")
+                    .await
+                    .ok()?
+                    .secrets
+                    .filter(|s| !s.is_empty())
+                    .map(|_| ())
+            })
+            .await;
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": pod, "labels": labels},
+                "spec": {"containers": [{"name": "app", "image": "weft-test-app"}]},
+            }))
+            .expect("pod");
+            let created = kube::Api::<Pod>::namespaced(cluster.admin.clone(), &ns)
+                .create(&kube::api::PostParams::default(), &pod)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("create {ns}/{}: {e}", pod.metadata.name.unwrap_or_default())
+                });
+            created
+                .spec
+                .expect("spec")
+                .containers
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    let proxy_and_app = ["istio-proxy".to_string(), "app".to_string()];
+    let app = ["app".to_string()];
+    assert_eq!(
+        create(labelled.clone(), "in-labelled", json!({"app": "a"})).await,
+        proxy_and_app
+    );
+    assert_eq!(
+        create(plain.clone(), "in-plain", json!({"app": "a"})).await,
+        app
+    );
+    assert_eq!(
+        create(
+            labelled.clone(),
+            "opted-out",
+            json!({"sidecar.istio.io/inject": "false"})
+        )
+        .await,
+        app
+    );
+    assert_eq!(
+        create(
+            plain.clone(),
+            "opted-in",
+            json!({"sidecar.istio.io/inject": "true"})
+        )
+        .await,
+        proxy_and_app
+    );
+
+    let (_, metrics) = get_text(monitoring, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("sidecar_injection_success_total 2"),
+        "{metrics}"
+    );
+    cluster
+        .delete(
+            &format!("apiVersion: admissionregistration.k8s.io/v1\nkind: MutatingWebhookConfiguration\nmetadata: {{name: {name}}}\n"),
+            "",
+        )
+        .await;
+    trigger.drain().await;
+    task.await
+        .expect("joined")
+        .expect("the injector drains cleanly");
+}

@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod select;
+pub mod server;
 pub mod template;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,101 @@
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use weft_injector::{InjectConfig, server};
+
+/// Weft's sidecar injector: a mutating admission webhook that gives pods weft-proxy as Istio's
+/// injector gives them Envoy.
+#[derive(Debug, Parser)]
+#[command(name = "weft-injector", version)]
+struct Args {
+    /// The webhook's address (Istio's 15017), served over TLS.
+    #[arg(long, env = "WEFT_INJECTOR_ADDRESS", default_value = "0.0.0.0:15017")]
+    address: SocketAddr,
+    /// /metrics and /ready, in plaintext.
+    #[arg(
+        long,
+        env = "WEFT_INJECTOR_MONITORING_ADDRESS",
+        default_value = "0.0.0.0:15014"
+    )]
+    monitoring_address: SocketAddr,
+    /// A name the API server reaches the webhook by; repeat for several.
+    #[arg(long = "dns-name", default_values = ["istiod.istio-system.svc", "weft-injector.istio-system.svc"])]
+    dns_names: Vec<String>,
+    /// The weft-proxy image injected as the sidecar and its init step.
+    #[arg(long, env = "WEFT_PROXY_IMAGE")]
+    proxy_image: String,
+    /// The control plane's namespace, whose pods are never injected.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    control_plane_namespace: String,
+    /// This injector's revision (`istio.io/rev`).
+    #[arg(long, env = "REVISION", default_value = "default")]
+    revision: String,
+    /// Where sidecars find weftd's CA and secure xDS.
+    #[arg(
+        long,
+        env = "WEFT_DISCOVERY_ADDRESS",
+        default_value = "istiod.istio-system.svc:15012"
+    )]
+    discovery_address: String,
+    /// Inject the sidecar as a native sidecar (Kubernetes 1.29 and later).
+    #[arg(long, env = "WEFT_NATIVE_SIDECARS")]
+    native_sidecars: bool,
+    /// The MutatingWebhookConfiguration whose caBundle this injector keeps current.
+    #[arg(long, env = "WEFT_WEBHOOK_CONFIGURATION")]
+    webhook_configuration: Option<String>,
+    /// The kubeconfig for writing the caBundle; default in-cluster, else $KUBECONFIG.
+    #[arg(long, env = "WEFT_INJECTOR_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    weft_telemetry::init_tracing();
+    let config = server::Config {
+        address: args.address,
+        monitoring_address: args.monitoring_address,
+        dns_names: args.dns_names,
+        trust_domain: args.trust_domain,
+        inject: InjectConfig {
+            proxy_image: args.proxy_image,
+            control_plane_namespace: args.control_plane_namespace,
+            revision: args.revision,
+            discovery_address: args.discovery_address,
+            native_sidecars: args.native_sidecars,
+            ..Default::default()
+        },
+        webhook_configuration: args.webhook_configuration,
+        kubeconfig: args.kubeconfig,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-injector: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-injector: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: server::Config) -> anyhow::Result<()> {
+    let injector = server::build(config).await?;
+    let (trigger, watcher) = weft_drain::new();
+    let task = tokio::spawn(injector.run(watcher));
+    weft_telemetry::shutdown_signal().await;
+    if tokio::time::timeout(Duration::from_secs(5), trigger.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing anyway");
+    }
+    task.await??;
+    Ok(())
+}
