@@ -4,6 +4,7 @@
 //! parse and serialize around these.
 
 pub mod admission;
+pub mod manual;
 pub mod select;
 pub mod server;
 pub mod template;

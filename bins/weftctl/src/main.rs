@@ -29,6 +29,22 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         mode: weftctl::demo::Mode,
     },
+    /// Print manifests with sidecars injected, as `istioctl kube-inject`: Pods and the pod templates of
+    /// Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs.
+    KubeInject {
+        /// The manifests; `-` reads standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// The weft-proxy image for the sidecar and its init step.
+        #[arg(long, env = "WEFT_PROXY_IMAGE", default_value = "weft-proxy:latest")]
+        proxy_image: String,
+        /// Where sidecars find weftd's CA and secure xDS.
+        #[arg(long, default_value = "istiod.istio-system.svc:15012")]
+        discovery_address: String,
+        /// Inject native sidecars (Kubernetes 1.29 and later).
+        #[arg(long)]
+        native_sidecars: bool,
+    },
     /// The sidecar proxy, as `weft-proxy` runs it (the demo's interception mode starts it in each pod).
     #[command(hide = true)]
     Proxy {
@@ -99,6 +115,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::KubeInject {
+            file,
+            proxy_image,
+            discovery_address,
+            native_sidecars,
+        } => {
+            let config = weft_injector::InjectConfig {
+                proxy_image,
+                discovery_address,
+                native_sidecars,
+                ..Default::default()
+            };
+            match kube_inject(&file, &config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weftctl kube-inject: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Iptables => {
             match weft_proxy::iptables::apply(&weft_proxy::iptables::CaptureConfig::default()) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -130,6 +166,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn kube_inject(file: &std::path::Path, config: &weft_injector::InjectConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let (injected, skipped) = weft_injector::manual::inject_manifests(&text, config)?;
+    for line in skipped {
+        eprintln!("weftctl kube-inject: not injected: {line}");
+    }
+    print!("{injected}");
+    Ok(())
 }
 
 async fn sample_backend(listen: std::net::SocketAddr, version: String) -> anyhow::Result<()> {
