@@ -112,15 +112,26 @@ impl Cluster {
         (ar, caps.scope)
     }
 
-    fn api(&self, doc: &Value, namespace: &str) -> (Api<DynamicObject>, String, ApiResource) {
-        let api_version = doc["apiVersion"].as_str().expect("apiVersion");
-        let kind = doc["kind"].as_str().expect("kind");
-        let name = doc["metadata"]["name"].as_str().expect("name").to_string();
+    /// The dynamic API for `kind`, cluster-wide or in `namespace` as the kind is scoped.
+    fn dynamic(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+    ) -> (Api<DynamicObject>, ApiResource) {
         let (ar, scope) = self.resource(api_version, kind);
         let api = match scope {
             Scope::Cluster => Api::all_with(self.admin.clone(), &ar),
             Scope::Namespaced => Api::namespaced_with(self.admin.clone(), namespace, &ar),
         };
+        (api, ar)
+    }
+
+    fn api(&self, doc: &Value, namespace: &str) -> (Api<DynamicObject>, String, ApiResource) {
+        let api_version = doc["apiVersion"].as_str().expect("apiVersion");
+        let kind = doc["kind"].as_str().expect("kind");
+        let name = doc["metadata"]["name"].as_str().expect("name").to_string();
+        let (api, ar) = self.dynamic(api_version, kind, namespace);
         (api, name, ar)
     }
 
@@ -197,11 +208,7 @@ impl Cluster {
         name: &str,
         patch: Value,
     ) {
-        let (ar, scope) = self.resource(api_version, kind);
-        let api: Api<DynamicObject> = match scope {
-            Scope::Cluster => Api::all_with(self.admin.clone(), &ar),
-            Scope::Namespaced => Api::namespaced_with(self.admin.clone(), namespace, &ar),
-        };
+        let (api, _) = self.dynamic(api_version, kind, namespace);
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .unwrap_or_else(|e| panic!("patch {kind} {namespace}/{name}: {e}"));
@@ -214,11 +221,7 @@ impl Cluster {
         namespace: &str,
         name: &str,
     ) -> Option<DynamicObject> {
-        let (ar, scope) = self.resource(api_version, kind);
-        let api: Api<DynamicObject> = match scope {
-            Scope::Cluster => Api::all_with(self.admin.clone(), &ar),
-            Scope::Namespaced => Api::namespaced_with(self.admin.clone(), namespace, &ar),
-        };
+        let (api, _) = self.dynamic(api_version, kind, namespace);
         api.get_opt(name).await.expect("get")
     }
 
@@ -233,6 +236,22 @@ impl Cluster {
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => panic!("service account {namespace}/{name}: {e}"),
         }
+    }
+
+    /// A service account whose pods can be created: 1.20 mounts the account's token Secret into each
+    /// of them, which its controller makes a moment after the account.
+    pub async fn service_account_with_token(&self, namespace: &str, name: &str) {
+        self.service_account(namespace, name).await;
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), namespace);
+        wait_for(
+            "a service account's token Secret",
+            Duration::from_secs(30),
+            || async {
+                let account = accounts.get(name).await.ok()?;
+                account.secrets.filter(|s| !s.is_empty()).map(|_| ())
+            },
+        )
+        .await;
     }
 
     /// A projected service-account token, as the kubelet mounts one, for `audience`.

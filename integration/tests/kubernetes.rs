@@ -624,15 +624,7 @@ async fn injected_samples_pass_the_api_servers_validation() {
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
-        cluster.service_account(&ns, &sa).await;
-        // 1.20 mounts a service account's token Secret into its pods; the controller makes it.
-        let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
-            kube::Api::namespaced(cluster.admin.clone(), &ns);
-        wait_for("the service account's token", WAIT, || async {
-            let account = accounts.get(&sa).await.ok()?;
-            account.secrets.filter(|s| !s.is_empty()).map(|_| ())
-        })
-        .await;
+        cluster.service_account_with_token(&ns, &sa).await;
         let injected = weft_injector::mutate(
             &pod,
             &ns,
@@ -752,19 +744,7 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
     let create = |ns: String, pod: &'static str, labels: Value| {
         let cluster = &cluster;
         async move {
-            cluster.service_account(&ns, "default").await;
-            let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
-                kube::Api::namespaced(cluster.admin.clone(), &ns);
-            wait_for("the default service account's token", WAIT, || async {
-                accounts
-                    .get("default")
-                    .await
-                    .ok()?
-                    .secrets
-                    .filter(|s| !s.is_empty())
-                    .map(|_| ())
-            })
-            .await;
+            cluster.service_account_with_token(&ns, "default").await;
             let pod: Pod = serde_json::from_value(json!({
                 "metadata": {"name": pod, "labels": labels},
                 "spec": {"containers": [{"name": "app", "image": "weft-test-app"}]},
