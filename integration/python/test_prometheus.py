@@ -1,4 +1,5 @@
-"""The Prometheus project's own text parser reads weft-proxy's /stats/prometheus."""
+"""The Prometheus project's own text parser reads weft-proxy's /stats/prometheus, on 15090 and merged
+with the app's metrics on 15020."""
 
 import http.client
 import http.server
@@ -25,6 +26,19 @@ class Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class AppMetrics(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"# HELP app_orders_total Orders taken.\n# TYPE app_orders_total counter\napp_orders_total 3\n"
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 def manifests(backend_port):
     docs = [
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "test"},
@@ -43,6 +57,8 @@ def manifests(backend_port):
 def test_prometheus_parser_reads_istio_metrics(workdir, procs):
     backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
+    app_metrics = http.server.ThreadingHTTPServer((PROXY_IP, 0), AppMetrics)
+    threading.Thread(target=app_metrics.serve_forever, daemon=True).start()
     try:
         config = workdir / "config"
         config.mkdir()
@@ -52,6 +68,8 @@ def test_prometheus_parser_reads_istio_metrics(workdir, procs):
         procs.start("weft-proxy", [str(BIN_DIR / "weft-proxy"), "--xds-address", f"http://127.0.0.1:{xds_port}"], env={
             "POD_NAME": "client-0", "POD_NAMESPACE": "test", "INSTANCE_IP": PROXY_IP,
             "ISTIO_METAJSON_LABELS": json.dumps({"app": "client", "version": "v1"}),
+            "ISTIO_PROMETHEUS_ANNOTATIONS": json.dumps(
+                {"scrape": "true", "port": str(app_metrics.server_address[1]), "path": "/metrics"}),
         })
         wait_for_port(PROXY_IP, 9080)
         for _ in range(7):
@@ -75,5 +93,14 @@ def test_prometheus_parser_reads_istio_metrics(workdir, procs):
         assert any(s.name.endswith("_count") and s.value == 7 for s in duration.samples)
         ready = urllib.request.urlopen(f"http://{PROXY_IP}:15000/ready", timeout=10)
         assert ready.status == 200
+
+        merged = urllib.request.urlopen(f"http://{PROXY_IP}:15020/stats/prometheus", timeout=10).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(merged)}
+        assert families["istio_requests"].type == "counter"
+        assert families["app_orders"].type == "counter"
+        assert [s.value for s in families["app_orders"].samples] == [3]
+        ready = urllib.request.urlopen(f"http://{PROXY_IP}:15021/healthz/ready", timeout=10)
+        assert ready.status == 200
     finally:
         backend.shutdown()
+        app_metrics.shutdown()

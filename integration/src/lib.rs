@@ -83,6 +83,10 @@ pub struct Proxy {
     pub ip: IpAddr,
     pub admin: SocketAddr,
     pub stats: SocketAddr,
+    /// 15020: app probes and merged metrics.
+    pub status: SocketAddr,
+    /// 15021: the proxy's readiness.
+    pub readiness: SocketAddr,
     pub state: tokio::sync::watch::Receiver<Arc<weft_proxy::state::ProxyState>>,
 }
 
@@ -193,7 +197,18 @@ impl Mesh {
 
     /// Starts a proxy for a pod in namespace `test` with the given labels.
     pub async fn proxy(&mut self, pod: &str, ip: IpAddr, labels: &[(&str, &str)]) -> Proxy {
-        self.proxy_with(pod, ip, labels, None).await
+        self.proxy_with(pod, ip, labels, None, &[]).await
+    }
+
+    /// A proxy given more of the environment the injector writes (`ISTIO_KUBE_APP_PROBERS`...).
+    pub async fn proxy_with_env(
+        &mut self,
+        pod: &str,
+        ip: IpAddr,
+        labels: &[(&str, &str)],
+        env: &[(&str, String)],
+    ) -> Proxy {
+        self.proxy_with(pod, ip, labels, None, env).await
     }
 
     /// A proxy with a workload identity: its certificate comes from weftd's CA (asking for `ttl`),
@@ -224,7 +239,8 @@ impl Mesh {
         }
         let mut labels = labels.to_vec();
         labels.push(("security.istio.io/tlsMode", "istio"));
-        self.proxy_with(pod, ip, &labels, Some((token, ttl))).await
+        self.proxy_with(pod, ip, &labels, Some((token, ttl)), &[])
+            .await
     }
 
     async fn proxy_with(
@@ -233,6 +249,7 @@ impl Mesh {
         ip: IpAddr,
         labels: &[(&str, &str)],
         identity: Option<(PathBuf, Duration)>,
+        env: &[(&str, String)],
     ) -> Proxy {
         let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
         let mut vars: Vec<(String, String)> = vec![
@@ -247,6 +264,7 @@ impl Mesh {
                 serde_json::to_string(&labels).expect("json"),
             ),
         ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let xds = match &identity {
             None => format!("http://{}", self.xds),
             Some((token, ttl)) => {
@@ -271,6 +289,8 @@ impl Mesh {
             ip,
             admin: app.admin_address().expect("admin address"),
             stats: app.stats_address().expect("stats address"),
+            status: app.status_address().expect("status address"),
+            readiness: app.readiness_address().expect("readiness address"),
             state: app.state(),
         };
         self.tasks.spawn(app.run(self.watcher.clone()));

@@ -1,5 +1,7 @@
-//! The admin endpoints, on Istio's ports: `/config_dump`, `/clusters`, `/certs`, `/ready` and
-//! `/stats/prometheus` on 15000, and `/stats/prometheus` on 15090.
+//! The proxy's HTTP endpoints, on Istio's ports. Each port serves only its own paths: the admin port
+//! (15000, local to the pod) has `/config_dump`, `/clusters`, `/certs`, `/ready` and the metrics; the
+//! ports reachable from outside the pod have no view of the config: 15090 the metrics, 15021 the
+//! proxy's readiness, 15020 the app's probes and the merged metrics (see [`crate::status`]).
 
 use std::{convert::Infallible, fmt::Write, sync::Arc};
 
@@ -11,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::{net::TcpListener, task::JoinSet};
 
-use crate::{Ctx, state::ProxyState};
+use crate::{Ctx, state::ProxyState, status::AppStatus};
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -70,11 +72,60 @@ pub fn clusters_text(state: &ProxyState) -> String {
     out
 }
 
-fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
-    let state = ctx.state.borrow().clone();
-    match req.uri().path() {
+/// Which of the proxy's ports a listener is, and so which paths it answers.
+#[derive(Clone, Debug)]
+pub enum Port {
+    Admin,
+    Stats,
+    Readiness,
+    Status(Arc<AppStatus>),
+}
+
+impl Port {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Port::Admin => "admin",
+            Port::Stats => "stats",
+            Port::Readiness => "readiness",
+            Port::Status(_) => "status",
+        }
+    }
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+}
+
+fn readiness(state: &ProxyState, ctx: &Ctx) -> Response<Full<Bytes>> {
+    if state.ready() && !ctx.drain.is_draining() {
+        reply(StatusCode::OK, "text/plain", "LIVE\n".into())
+    } else if ctx.drain.is_draining() {
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "DRAINING\n".into(),
+        )
+    } else {
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "PRE_INITIALIZING\n".into(),
+        )
+    }
+}
+
+fn metrics_error(e: std::fmt::Error) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "text/plain",
+        format!("cannot encode the metrics: {e}\n"),
+    )
+}
+
+fn admin_route(path: &str, state: &ProxyState, ctx: &Ctx) -> Response<Full<Bytes>> {
+    match path {
         "/config_dump" => {
-            match serde_json::to_string_pretty(&config_dump(&state, ctx.tls.identity())) {
+            match serde_json::to_string_pretty(&config_dump(state, ctx.tls.identity())) {
                 Ok(s) => reply(StatusCode::OK, "application/json", s),
                 Err(e) => reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -83,40 +134,64 @@ fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        "/clusters" => reply(StatusCode::OK, "text/plain", clusters_text(&state)),
+        "/clusters" => reply(StatusCode::OK, "text/plain", clusters_text(state)),
         "/certs" => reply(
             StatusCode::OK,
             "application/json",
             crate::identity::certs_json(ctx.tls.identity()).to_string(),
         ),
-        "/ready" | "/healthz/ready" => {
-            if state.ready() && !ctx.drain.is_draining() {
-                reply(StatusCode::OK, "text/plain", "LIVE\n".into())
-            } else {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "PRE_INITIALIZING\n".into(),
-                )
-            }
-        }
+        "/ready" | "/healthz/ready" => readiness(state, ctx),
         "/stats/prometheus" | "/metrics" => {
             match weft_telemetry::encode_prometheus_text(&ctx.registry) {
                 Ok(text) => reply(StatusCode::OK, weft_telemetry::PROMETHEUS_TEXT, text),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    e.to_string(),
-                ),
+                Err(e) => metrics_error(e),
             }
         }
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => not_found(),
     }
 }
 
-pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+async fn route(req: Request<Incoming>, ctx: &Ctx, port: &Port) -> Response<Full<Bytes>> {
+    let state = ctx.state.borrow().clone();
+    let path = req.uri().path();
+    match port {
+        Port::Admin => admin_route(path, &state, ctx),
+        Port::Stats => match path {
+            "/stats/prometheus" | "/metrics" => admin_route(path, &state, ctx),
+            _ => not_found(),
+        },
+        Port::Readiness => match path {
+            "/healthz/ready" => readiness(&state, ctx),
+            _ => not_found(),
+        },
+        Port::Status(app) => match path {
+            "/healthz/ready" => readiness(&state, ctx),
+            "/stats/prometheus" | "/metrics" => {
+                let mut text = match weft_telemetry::encode_prometheus_text(&ctx.registry) {
+                    Ok(text) => text,
+                    Err(e) => return metrics_error(e),
+                };
+                // Concatenated, as Istio's agent merges: the app's names do not collide with istio_*.
+                if let Some(app_text) = app.scrape_app(req.headers()).await {
+                    text.push_str(&String::from_utf8_lossy(&app_text));
+                    if !text.ends_with('\n') {
+                        text.push('\n');
+                    }
+                }
+                reply(StatusCode::OK, weft_telemetry::PROMETHEUS_TEXT, text)
+            }
+            p if p.starts_with("/app-health/") => {
+                let (status, body) = app.probe(p, req.headers()).await;
+                reply(status, "text/plain", body)
+            }
+            _ => not_found(),
+        },
+    }
+}
+
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, port: Port) {
     let mut conns = JoinSet::new();
-    let mut acceptor = weft_drain::Acceptor::new(listener, "admin");
+    let mut acceptor = weft_drain::Acceptor::new(listener, port.name());
     loop {
         let (stream, _) = tokio::select! {
             a = acceptor.accept() => a,
@@ -124,10 +199,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
         };
         while conns.try_join_next().is_some() {}
         let ctx = ctx.clone();
+        let port = port.clone();
         conns.spawn(async move {
             let svc = service_fn(|req| {
-                let resp = route(&req, &ctx);
-                async move { Ok::<_, Infallible>(resp) }
+                let ctx = ctx.clone();
+                let port = port.clone();
+                async move { Ok::<_, Infallible>(route(req, &ctx, &port).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

@@ -1,4 +1,4 @@
-//! Wiring: `build()` binds the admin and metrics ports (a conflict fails at start); `run()` starts the
+//! Wiring: `build()` binds the admin, metrics, status and readiness ports (a conflict fails at start); `run()` starts the
 //! ADS client, which binds listeners as config arrives, and serves until drained.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -30,6 +30,8 @@ pub struct App {
     config: Config,
     admin: TcpListener,
     stats: TcpListener,
+    status: TcpListener,
+    readiness: TcpListener,
     state: watch::Sender<Arc<ProxyState>>,
 }
 
@@ -54,11 +56,15 @@ async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, Er
 pub async fn build(config: Config) -> Result<App, Error> {
     let admin = bind("admin", config.admin_address).await?;
     let stats = bind("metrics", config.stats_address).await?;
+    let status = bind("status", config.status_address).await?;
+    let readiness = bind("readiness", config.readiness_address).await?;
     let (state, _) = watch::channel(Arc::new(ProxyState::default()));
     Ok(App {
         config,
         admin,
         stats,
+        status,
+        readiness,
         state,
     })
 }
@@ -72,6 +78,14 @@ impl App {
         self.stats.local_addr().ok()
     }
 
+    pub fn status_address(&self) -> Option<SocketAddr> {
+        self.status.local_addr().ok()
+    }
+
+    pub fn readiness_address(&self) -> Option<SocketAddr> {
+        self.readiness.local_addr().ok()
+    }
+
     /// The applied config, for tests that wait for a route or endpoint to arrive.
     pub fn state(&self) -> watch::Receiver<Arc<ProxyState>> {
         self.state.subscribe()
@@ -82,6 +96,8 @@ impl App {
             config,
             admin,
             stats,
+            status,
+            readiness,
             state,
         } = self;
         let mut tasks = JoinSet::new();
@@ -106,8 +122,16 @@ impl App {
         });
         info!(node = %config.node.id, xds = %config.xds_address, "weft-proxy starting");
         // Admin answers (not ready) while the certificate is being fetched.
-        tasks.spawn(admin::serve(admin, ctx.clone()).instrument(info_span!("admin")));
-        tasks.spawn(admin::serve(stats, ctx.clone()).instrument(info_span!("stats")));
+        let app_status = Arc::new(config.app_status.clone());
+        for (listener, port) in [
+            (admin, admin::Port::Admin),
+            (stats, admin::Port::Stats),
+            (readiness, admin::Port::Readiness),
+            (status, admin::Port::Status(app_status)),
+        ] {
+            let span = info_span!("port", name = port.name());
+            tasks.spawn(admin::serve(listener, ctx.clone(), port).instrument(span));
+        }
         // Rotation renews early when weftd cannot be verified (its CA may have changed).
         let renew_now = Arc::new(tokio::sync::Notify::new());
         // The certificate comes before xDS: listeners and clusters that need mTLS refer to it.

@@ -10,7 +10,10 @@ use serde_json::{Map, Value};
 use weft_certs::SpiffeId;
 use weft_xds::{NodeInfo, ProxyId};
 
-use crate::identity::IdentityConfig;
+use crate::{
+    identity::IdentityConfig,
+    status::{self, AppStatus},
+};
 
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
@@ -42,6 +45,11 @@ pub struct Config {
     pub node: NodeInfo,
     pub admin_address: SocketAddr,
     pub stats_address: SocketAddr,
+    /// Istio's status port (15020): app probes and merged metrics.
+    pub status_address: SocketAddr,
+    /// Istio's readiness port (15021): the kubelet's probe of the proxy.
+    pub readiness_address: SocketAddr,
+    pub app_status: AppStatus,
     pub drain_duration: Duration,
     /// How long connections accepted under a listener's previous config may go on after it changes:
     /// HTTP/1.1 ones are told `Connection: close` on their next response meanwhile, then closed;
@@ -213,6 +221,45 @@ impl Config {
                 ),
             });
         }
+        let app_status = AppStatus {
+            probes: match get(status::ENV_APP_PROBERS) {
+                None => Default::default(),
+                Some(json) => {
+                    status::parse_app_probes(&json).map_err(|reason| ConfigError::Invalid {
+                        name: status::ENV_APP_PROBERS.into(),
+                        value: json.clone(),
+                        reason,
+                    })?
+                }
+            },
+            metrics: match get(status::ENV_PROMETHEUS_ANNOTATIONS) {
+                None => None,
+                Some(json) => {
+                    status::parse_app_metrics(&json).map_err(|reason| ConfigError::Invalid {
+                        name: status::ENV_PROMETHEUS_ANNOTATIONS.into(),
+                        value: json.clone(),
+                        reason,
+                    })?
+                }
+            },
+            probe_ip: ip,
+            metrics_ip: if captured {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                ip
+            },
+        };
+        // Under capture the pod has its own loopback, so admin stays local while the ports the kubelet
+        // and Prometheus reach listen on every address (the capture excludes them), as in an Istio pod.
+        // In explicit mode several proxies share one machine, so each binds its own workload address.
+        let on = |port: u16, local: bool| {
+            let any: IpAddr = if local {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            SocketAddr::new(if captured { any } else { ip }, port)
+        };
         let id = ProxyId {
             proxy_type: "sidecar".into(),
             ip,
@@ -227,19 +274,11 @@ impl Config {
                 cluster: app.clone(),
                 metadata,
             },
-            // Under capture the pod has its own loopback, so admin stays local and metrics listen on every
-            // address (15090 is excluded from capture), as in an Istio pod. In explicit mode several proxies
-            // share one machine, so each binds its own workload address.
-            admin_address: if captured {
-                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), ADMIN_PORT)
-            } else {
-                SocketAddr::new(ip, ADMIN_PORT)
-            },
-            stats_address: if captured {
-                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), STATS_PORT)
-            } else {
-                SocketAddr::new(ip, STATS_PORT)
-            },
+            admin_address: on(ADMIN_PORT, true),
+            stats_address: on(STATS_PORT, false),
+            status_address: on(status::STATUS_PORT, false),
+            readiness_address: on(status::READINESS_PORT, false),
+            app_status,
             drain_duration: Duration::from_secs(5),
             listener_drain,
             workload: Workload {

@@ -40,7 +40,7 @@ pub struct CaptureConfig {
     #[arg(
         short = 'd',
         long = "local-exclude-ports",
-        default_value = "15090,15021,15020"
+        default_value = DEFAULT_INBOUND_EXCLUDE
     )]
     pub inbound_ports_exclude: String,
     /// Outbound ports never redirected.
@@ -62,7 +62,7 @@ impl Default for CaptureConfig {
             outbound_ip_ranges_include: "*".into(),
             outbound_ip_ranges_exclude: String::new(),
             inbound_ports_include: "*".into(),
-            inbound_ports_exclude: "15090,15021,15020".into(),
+            inbound_ports_exclude: DEFAULT_INBOUND_EXCLUDE.into(),
             outbound_ports_exclude: String::new(),
             outbound_ports_include: String::new(),
         }
@@ -98,6 +98,9 @@ pub enum CaptureError {
     Command { command: String, reason: String },
 }
 
+/// The proxy's ports the kubelet and Prometheus reach from outside the mesh: 15090, 15021, 15020.
+pub const DEFAULT_INBOUND_EXCLUDE: &str = "15090,15021,15020";
+
 impl CaptureConfig {
     /// Applies a pod's `traffic.sidecar.istio.io/*` annotations over these settings, as Istio's injector
     /// does when it writes the init container's arguments.
@@ -115,6 +118,16 @@ impl CaptureConfig {
                 _ => &mut self.outbound_ports_include,
             };
             *field = value.trim().to_string();
+        }
+        // The proxy's own metrics, readiness and status ports are never captured, whatever the pod
+        // excludes: the kubelet and Prometheus reach them from outside the mesh, as in Istio's template.
+        if let Some(extra) = annotations.get("traffic.sidecar.istio.io/excludeInboundPorts") {
+            let extra = extra.trim();
+            self.inbound_ports_exclude = if extra.is_empty() {
+                DEFAULT_INBOUND_EXCLUDE.into()
+            } else {
+                format!("{DEFAULT_INBOUND_EXCLUDE},{extra}")
+            };
         }
         self
     }

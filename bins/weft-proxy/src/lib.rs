@@ -18,6 +18,7 @@ pub mod model;
 mod mtls;
 mod normalize;
 pub mod state;
+pub mod status;
 mod tcp;
 
 use std::sync::{Arc, Mutex};

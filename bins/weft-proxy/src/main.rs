@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use weft_proxy::{app, config::Config, iptables};
+use std::time::Duration;
+
+use weft_proxy::{app, config::Config, iptables, status};
 
 /// Weft's sidecar proxy. The workload is described by Istio's environment variables: POD_NAME,
 /// POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT, ISTIO_METAJSON_LABELS and ISTIO_META_*.
@@ -38,6 +40,52 @@ enum Cmd {
         #[arg(long)]
         cleanup: bool,
     },
+    /// Wait until the proxy beside this one is ready, as Istio's `pilot-agent wait` (the injector's
+    /// postStart hook, so the app starts only once its traffic can flow).
+    Wait {
+        #[arg(long, default_value = status::DEFAULT_WAIT_URL)]
+        url: String,
+        #[arg(long, alias = "timeoutSeconds", default_value_t = 60)]
+        timeout_seconds: u64,
+        #[arg(long, alias = "periodMillis", default_value_t = 500)]
+        period_millis: u64,
+        #[arg(long, alias = "requestTimeoutMillis", default_value_t = 500)]
+        request_timeout_millis: u64,
+    },
+}
+
+fn wait_step(
+    url: &str,
+    timeout_seconds: u64,
+    period_millis: u64,
+    request_timeout_millis: u64,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-proxy wait: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(status::wait_until_ready(
+        url,
+        Duration::from_secs(timeout_seconds),
+        Duration::from_millis(period_millis),
+        Duration::from_millis(request_timeout_millis),
+    ));
+    match result {
+        Ok(()) => {
+            println!("weft-proxy is ready");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("weft-proxy wait: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn iptables_step(capture: &iptables::CaptureConfig, dry_run: bool, cleanup: bool) -> ExitCode {
@@ -71,13 +119,19 @@ fn main() -> ExitCode {
         concurrency,
         command,
     } = Args::parse();
-    if let Some(Cmd::Iptables {
-        capture,
-        dry_run,
-        cleanup,
-    }) = command
-    {
-        return iptables_step(&capture, dry_run, cleanup);
+    match command {
+        Some(Cmd::Iptables {
+            capture,
+            dry_run,
+            cleanup,
+        }) => return iptables_step(&capture, dry_run, cleanup),
+        Some(Cmd::Wait {
+            url,
+            timeout_seconds,
+            period_millis,
+            request_timeout_millis,
+        }) => return wait_step(&url, timeout_seconds, period_millis, request_timeout_millis),
+        None => {}
     }
     let xds_address = if xds_address.contains("://") {
         xds_address

@@ -27,7 +27,7 @@ pub use stream::{
 pub use token::{BootstrapTokens, TokenKeyError};
 pub use verify::{
     ClientAuth, ClientTls, IdentityCell, PeerPolicy, ServerTls, anonymous_client_config,
-    client_config, server_config,
+    client_config, probe_client_config, server_config,
 };
 
 /// Istio's default workload certificate lifetime.

@@ -370,5 +370,62 @@ pub fn anonymous_client_config(
     Ok(Arc::new(config))
 }
 
+/// The client config for an app's HTTPS health probe sent on the kubelet's behalf. The kubelet does
+/// not verify an HTTPS probe's certificate (the app's is often self-signed for its own port), so a
+/// probe the proxy sends for it must not either: this config checks the handshake's signatures and
+/// nothing about who signed the certificate. It never carries the workload's certificate.
+pub fn probe_client_config() -> Result<ClientTls, IdentityError> {
+    let provider = crate::provider();
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| IdentityError::Roots(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ProbeServerVerifier { provider }))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct ProbeServerVerifier {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ProbeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_signature(&self.provider, Tls::V12, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_signature(&self.provider, Tls::V13, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests;

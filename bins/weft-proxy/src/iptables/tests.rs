@@ -203,7 +203,7 @@ fn annotations_map_to_their_flags() {
             c.outbound_ip_ranges_exclude.as_str(),
             c.inbound_ports_exclude.as_str()
         ),
-        ("10.0.0.0/8", "10.1.0.0/16", "9999")
+        ("10.0.0.0/8", "10.1.0.0/16", "15090,15021,15020,9999")
     );
     assert_eq!(
         (
