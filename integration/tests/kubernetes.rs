@@ -701,6 +701,8 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
         trust_domain: "cluster.local".into(),
         inject: weft_injector::InjectConfig::default(),
         webhook_configuration: Some(name.clone()),
+        // Asked of the API server: 1.20 has no native sidecars.
+        native_sidecars: weft_injector::server::NativeSidecars::Auto,
         kubeconfig: Some(cluster.kubeconfig.clone()),
     })
     .await
@@ -747,7 +749,9 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
             cluster.service_account_with_token(&ns, "default").await;
             let pod: Pod = serde_json::from_value(json!({
                 "metadata": {"name": pod, "labels": labels},
-                "spec": {"containers": [{"name": "app", "image": "weft-test-app"}]},
+                "spec": {"containers": [{"name": "app", "image": "weft-test-app",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}]},
             }))
             .expect("pod");
             let created = kube::Api::<Pod>::namespaced(cluster.admin.clone(), &ns)
@@ -792,6 +796,32 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
         )
         .await,
         proxy_and_app
+    );
+
+    // As the API server stored it: the app's probe goes through the proxy, and on 1.20 (no native
+    // sidecars) the proxy holds the app until it is ready.
+    let stored = cluster
+        .get("v1", "Pod", &labelled, "in-labelled")
+        .await
+        .expect("the injected pod");
+    let containers = stored.data["spec"]["containers"].clone();
+    assert_eq!(
+        containers[1]["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/app/readyz", "port": 15020, "scheme": "HTTP"})
+    );
+    assert_eq!(
+        containers[0]["lifecycle"]["postStart"]["exec"]["command"],
+        json!(["weft-proxy", "wait"])
+    );
+    let probers = containers[0]["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "ISTIO_KUBE_APP_PROBERS"))
+        .and_then(|e| e["value"].as_str())
+        .expect("the app's probe handed to the proxy");
+    let probers = weft_proxy::status::parse_app_probes(probers).expect("the proxy reads it");
+    assert!(
+        probers.contains_key("/app-health/app/readyz"),
+        "{probers:?}"
     );
 
     let (_, metrics) = get_text(monitoring, "/metrics").await.expect("metrics");

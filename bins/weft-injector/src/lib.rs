@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod manual;
+pub mod probes;
 pub mod select;
 pub mod server;
 pub mod template;
@@ -31,6 +32,9 @@ pub struct InjectConfig {
     /// The sidecar as a native sidecar (an init container that keeps running), which Kubernetes
     /// serves from 1.29: it starts before the app and does not keep a Job from finishing.
     pub native_sidecars: bool,
+    /// Without native sidecars, the app's containers start only once the proxy is ready (a postStart
+    /// `weft-proxy wait` on the proxy); a pod overrides it in `proxy.istio.io/config`.
+    pub hold_application_until_proxy_starts: bool,
     pub resources: ProxyResources,
 }
 
@@ -53,6 +57,7 @@ impl Default for InjectConfig {
             revision: "default".into(),
             discovery_address: "istiod.istio-system.svc:15012".into(),
             native_sidecars: false,
+            hold_application_until_proxy_starts: true,
             resources: ProxyResources {
                 cpu: "100m".into(),
                 memory: "128Mi".into(),

@@ -37,9 +37,14 @@ struct Args {
         default_value = "istiod.istio-system.svc:15012"
     )]
     discovery_address: String,
-    /// Inject the sidecar as a native sidecar (Kubernetes 1.29 and later).
-    #[arg(long, env = "WEFT_NATIVE_SIDECARS")]
-    native_sidecars: bool,
+    /// Inject the sidecar as a native sidecar: `auto` does where the API server is 1.29 or later.
+    #[arg(long, env = "WEFT_NATIVE_SIDECARS", value_enum, default_value = "auto")]
+    native_sidecars: server::NativeSidecars,
+    /// Without native sidecars, hold the app's containers until the proxy is ready (a postStart
+    /// `weft-proxy wait`), as Istio's holdApplicationUntilProxyStarts; a pod overrides it in
+    /// `proxy.istio.io/config`.
+    #[arg(long, env = "WEFT_HOLD_APPLICATION_UNTIL_PROXY_STARTS", default_value_t = true, action = clap::ArgAction::Set)]
+    hold_application_until_proxy_starts: bool,
     /// The MutatingWebhookConfiguration whose caBundle this injector keeps current.
     #[arg(long, env = "WEFT_WEBHOOK_CONFIGURATION")]
     webhook_configuration: Option<String>,
@@ -63,11 +68,12 @@ fn main() -> ExitCode {
             control_plane_namespace: args.control_plane_namespace,
             revision: args.revision,
             discovery_address: args.discovery_address,
-            native_sidecars: args.native_sidecars,
+            hold_application_until_proxy_starts: args.hold_application_until_proxy_starts,
             ..Default::default()
         },
         webhook_configuration: args.webhook_configuration,
         kubeconfig: args.kubeconfig,
+        native_sidecars: args.native_sidecars,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -34,6 +34,34 @@ pub struct Config {
     /// reaches the API server (`None`: in-cluster or `$KUBECONFIG`). No name: nothing is written.
     pub webhook_configuration: Option<String>,
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Whether the sidecar is a native sidecar; `Auto` asks the API server its version at start.
+    pub native_sidecars: NativeSidecars,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeSidecars {
+    /// Native sidecars where the API server serves them (Kubernetes 1.29 and later).
+    Auto,
+    #[value(name = "true")]
+    On,
+    #[value(name = "false")]
+    Off,
+}
+
+/// Native sidecars (init containers with `restartPolicy: Always`) are on by default from Kubernetes
+/// 1.29. Providers write minors such as `29+`, so only the leading digits count.
+pub fn serves_native_sidecars(major: &str, minor: &str) -> bool {
+    let number = |s: &str| {
+        s.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .ok()
+    };
+    match (number(major), number(minor)) {
+        (Some(major), Some(minor)) => (major, minor) >= (1, 29),
+        _ => false,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,13 +156,35 @@ pub async fn build(config: Config) -> Result<Injector, Error> {
     let identity = ca
         .issue_with_dns(&me, &config.dns_names, SystemTime::now(), CERT_TTL)
         .map_err(cert)?;
-    let client = match &config.webhook_configuration {
-        Some(_) => Some(
+    let mut config = config;
+    let client = if config.webhook_configuration.is_some()
+        || config.native_sidecars == NativeSidecars::Auto
+    {
+        Some(
             client(config.kubeconfig.as_deref())
                 .await
                 .map_err(Error::Kubernetes)?,
-        ),
-        None => None,
+        )
+    } else {
+        None
+    };
+    config.inject.native_sidecars = match (config.native_sidecars, &client) {
+        (NativeSidecars::On, _) => true,
+        (NativeSidecars::Off, _) | (NativeSidecars::Auto, None) => false,
+        (NativeSidecars::Auto, Some(client)) => {
+            let version = client.apiserver_version().await.map_err(|e| {
+                Error::Kubernetes(format!(
+                    "cannot read the API server's version to choose native sidecars (set --native-sidecars true or false): {e}"
+                ))
+            })?;
+            let native = serves_native_sidecars(&version.major, &version.minor);
+            tracing::info!(
+                version = %version.git_version,
+                native_sidecars = native,
+                "sidecar lifecycle chosen from the API server's version"
+            );
+            native
+        }
     };
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -359,6 +409,27 @@ async fn keep_ca_bundle(client: kube::Client, name: String, root_pem: String, dr
         tokio::select! {
             () = tokio::time::sleep(CA_BUNDLE_CHECK) => {}
             () = drain.signaled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn native_sidecars_from_1_29() {
+        for (major, minor, native) in [
+            ("1", "20", false),
+            ("1", "28", false),
+            ("1", "29", true),
+            ("1", "30+", true),
+            ("2", "0", true),
+            ("", "", false),
+        ] {
+            assert_eq!(
+                super::serves_native_sidecars(major, minor),
+                native,
+                "{major}.{minor}"
+            );
         }
     }
 }

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Volume};
 use serde_json::{Value, json};
 use weft_proxy::iptables::CaptureConfig;
 
-use crate::{InjectConfig, select};
+use crate::{InjectConfig, probes, select};
 
 pub const PROXY_CONTAINER: &str = "istio-proxy";
 pub const INIT_CONTAINER: &str = "istio-init";
@@ -23,6 +23,12 @@ const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
 const PROXY_MEMORY: &str = "sidecar.istio.io/proxyMemory";
 const PROXY_CPU_LIMIT: &str = "sidecar.istio.io/proxyCPULimit";
 const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
+const SCRAPE: &str = "prometheus.io/scrape";
+const SCRAPE_PORT: &str = "prometheus.io/port";
+const SCRAPE_PATH: &str = "prometheus.io/path";
+const MERGE_METRICS: &str = "prometheus.istio.io/merge-metrics";
+/// Istio's per-pod ProxyConfig overrides, YAML.
+pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
 const VOLUMES: [&str; 4] = ["istio-envoy", "istio-data", "istio-token", "istiod-ca-cert"];
 
 /// The workload a pod belongs to, as Istio names it: a ReplicaSet's Deployment (the ReplicaSet's name
@@ -88,6 +94,18 @@ pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Pod {
         .filter_map(|p| serde_json::to_value(p).ok())
         .collect();
 
+    let probers = if annotations
+        .get(probes::REWRITE_ANNOTATION)
+        .map(String::as_str)
+        == Some("false")
+    {
+        BTreeMap::new()
+    } else {
+        probes::rewrite(spec)
+    };
+    let app_metrics = merge_prometheus(annotations);
+    let hold = hold_application(annotations, config);
+
     let capture = CaptureConfig::default().with_annotations(annotations);
     let init = container(json!({
         "name": INIT_CONTAINER,
@@ -120,6 +138,15 @@ pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Pod {
         {"name": "ISTIO_META_OWNER", "value": owner(&owner_kind, namespace, &workload)},
         {"name": "ISTIO_METAJSON_LABELS", "value": json!(labels).to_string()},
     ]);
+    let mut env = env;
+    if let Some(list) = env.as_array_mut() {
+        if !probers.is_empty() {
+            list.push(json!({"name": weft_proxy::status::ENV_APP_PROBERS, "value": json!(probers).to_string()}));
+        }
+        if let Some(metrics) = app_metrics {
+            list.push(json!({"name": weft_proxy::status::ENV_PROMETHEUS_ANNOTATIONS, "value": metrics.to_string()}));
+        }
+    }
     let mut proxy = json!({
         "name": PROXY_CONTAINER,
         "image": config.proxy_image,
@@ -149,7 +176,14 @@ pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Pod {
         proxy["restartPolicy"] = "Always".into();
         init_containers.insert(1, container(proxy));
     } else {
-        // First in the list, so the kubelet starts it before the app's containers.
+        // First in the list, so the kubelet starts it before the app's containers; the kubelet does
+        // not start the next container until this one's postStart hook returns, so waiting there
+        // for readiness holds the app until its traffic can flow (Istio's
+        // holdApplicationUntilProxyStarts).
+        if hold {
+            proxy["lifecycle"] =
+                json!({"postStart": {"exec": {"command": ["weft-proxy", "wait"]}}});
+        }
         spec.containers.insert(0, container(proxy));
     }
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
@@ -181,19 +215,46 @@ pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Pod {
         })
         .to_string(),
     );
-    // Scraped where the proxy serves its metrics, unless the pod says otherwise.
-    if annotations.get("prometheus.io/scrape").map(String::as_str) != Some("false") {
-        annotations
-            .entry("prometheus.io/scrape".into())
-            .or_insert_with(|| "true".into());
-        annotations
-            .entry("prometheus.io/port".into())
-            .or_insert_with(|| weft_proxy::config::STATS_PORT.to_string());
-        annotations
-            .entry("prometheus.io/path".into())
-            .or_insert_with(|| "/stats/prometheus".into());
-    }
     pod
+}
+
+/// Points the pod's scrape annotations at the proxy's merged metrics on 15020, as Istio's
+/// `enablePrometheusMerge`, and returns the app's own (for `ISTIO_PROMETHEUS_ANNOTATIONS`) when it
+/// had any. A pod with `prometheus.io/scrape: "false"` or `prometheus.istio.io/merge-metrics:
+/// "false"` keeps its annotations.
+fn merge_prometheus(annotations: &mut BTreeMap<String, String>) -> Option<Value> {
+    if annotations.get(SCRAPE).map(String::as_str) == Some("false")
+        || annotations.get(MERGE_METRICS).map(String::as_str) == Some("false")
+    {
+        return None;
+    }
+    let mut app = serde_json::Map::new();
+    for (key, field) in [
+        (SCRAPE, "scrape"),
+        (SCRAPE_PORT, "port"),
+        (SCRAPE_PATH, "path"),
+    ] {
+        if let Some(value) = annotations.get(key) {
+            app.insert(field.into(), value.clone().into());
+        }
+    }
+    annotations.insert(SCRAPE.into(), "true".into());
+    annotations.insert(
+        SCRAPE_PORT.into(),
+        weft_proxy::status::STATUS_PORT.to_string(),
+    );
+    annotations.insert(SCRAPE_PATH.into(), "/stats/prometheus".into());
+    (!app.is_empty()).then_some(Value::Object(app))
+}
+
+/// Whether the app waits for its proxy: the injector's setting, overridden by the pod's
+/// `proxy.istio.io/config` (`holdApplicationUntilProxyStarts: true|false`), as Istio reads it.
+fn hold_application(annotations: &BTreeMap<String, String>, config: &InjectConfig) -> bool {
+    annotations
+        .get(PROXY_CONFIG)
+        .and_then(|text| serde_saphyr::from_str::<Value>(text).ok())
+        .and_then(|v| v.get("holdApplicationUntilProxyStarts")?.as_bool())
+        .unwrap_or(config.hold_application_until_proxy_starts)
 }
 
 fn container(value: Value) -> Container {

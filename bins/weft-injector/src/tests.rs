@@ -133,7 +133,13 @@ fn istios_samples_get_istios_sidecar_field_by_field() {
         serde_json::from_str(&annotations["sidecar.istio.io/status"]).expect("status json");
     assert_eq!(status["containers"], json!(["istio-proxy"]));
     assert_eq!(status["revision"], "default");
-    assert_eq!(annotations["prometheus.io/port"], "15090");
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
+    assert!(!env.contains_key("ISTIO_PROMETHEUS_ANNOTATIONS"));
+    assert!(
+        !env.contains_key("ISTIO_KUBE_APP_PROBERS"),
+        "no probes to rewrite"
+    );
 
     // The patch is what the webhook answers: applied to the pod as it came, it makes the injected one.
     let mut patched = serde_json::to_value(&original).expect("json");
@@ -212,4 +218,125 @@ fn skipped_pods_say_which_rule_skipped_them() {
     }
     let err = mutate(&host, "demo", Some(&enabled()), &config).expect_err("host network");
     assert!(err.to_string().contains("host's network"), "{err}");
+}
+
+fn with_annotations(mut pod: Pod, annotations: &[(&str, &str)]) -> Pod {
+    let map = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    for (k, v) in annotations {
+        map.insert(k.to_string(), v.to_string());
+    }
+    pod
+}
+
+#[test]
+fn app_probes_and_metrics_go_through_the_status_port() {
+    let mut original = with_annotations(
+        pod(PRODUCTPAGE),
+        &[
+            ("prometheus.io/scrape", "true"),
+            ("prometheus.io/port", "9080"),
+        ],
+    );
+    if let Some(spec) = original.spec.as_mut() {
+        spec.containers[0].readiness_probe = Some(
+            serde_json::from_value(
+                json!({"httpGet": {"path": "/health", "port": 9080}, "periodSeconds": 5}),
+            )
+            .expect("probe"),
+        );
+    }
+    let config = InjectConfig::default();
+    let injected = mutate(&original, "bookinfo", Some(&enabled()), &config)
+        .expect("injected")
+        .pod;
+    let spec = injected.spec.as_ref().expect("spec");
+    assert_eq!(
+        serde_json::to_value(&spec.containers[1].readiness_probe).expect("json"),
+        json!({"httpGet": {"path": "/app-health/productpage/readyz", "port": 15020, "scheme": "HTTP"}, "periodSeconds": 5})
+    );
+    let env = env(&spec.containers[0]);
+    let probers =
+        weft_proxy::status::parse_app_probes(env["ISTIO_KUBE_APP_PROBERS"].as_str().expect("text"))
+            .expect("the proxy reads the probes");
+    assert!(probers.contains_key("/app-health/productpage/readyz"));
+    let scrape = weft_proxy::status::parse_app_metrics(
+        env["ISTIO_PROMETHEUS_ANNOTATIONS"].as_str().expect("text"),
+    )
+    .expect("the proxy reads the app's scrape annotations");
+    assert_eq!(scrape.map(|m| m.port), Some(9080));
+    let annotations = injected.metadata.annotations.as_ref().expect("annotations");
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+
+    // The pod's opt-outs: probes and scrape annotations stay the app's own.
+    let opted_out = with_annotations(
+        original.clone(),
+        &[
+            ("sidecar.istio.io/rewriteAppHTTPProbers", "false"),
+            ("prometheus.istio.io/merge-metrics", "false"),
+        ],
+    );
+    let injected = mutate(&opted_out, "bookinfo", Some(&enabled()), &config)
+        .expect("injected")
+        .pod;
+    let spec = injected.spec.as_ref().expect("spec");
+    assert_eq!(
+        spec.containers[1].readiness_probe,
+        original.spec.as_ref().expect("spec").containers[0].readiness_probe
+    );
+    assert!(!env_has(&spec.containers[0], "ISTIO_KUBE_APP_PROBERS"));
+    let annotations = injected.metadata.annotations.as_ref().expect("annotations");
+    assert_eq!(annotations["prometheus.io/port"], "9080");
+}
+
+fn env_has(c: &k8s_openapi::api::core::v1::Container, name: &str) -> bool {
+    c.env.iter().flatten().any(|e| e.name == name)
+}
+
+#[test]
+fn the_app_waits_for_its_proxy_unless_the_pod_says_not_to() {
+    let config = InjectConfig::default();
+    let post_start = |pod: &Pod, config: &InjectConfig| {
+        let injected = mutate(pod, "demo", Some(&enabled()), config)
+            .expect("injected")
+            .pod;
+        let spec = injected.spec.expect("spec");
+        let proxy = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == "istio-proxy")
+            .cloned()
+            .expect("the proxy");
+        serde_json::to_value(proxy.lifecycle).expect("json")
+    };
+    assert_eq!(
+        post_start(&pod(SLEEP), &config),
+        json!({"postStart": {"exec": {"command": ["weft-proxy", "wait"]}}})
+    );
+    let opted_out = with_annotations(
+        pod(SLEEP),
+        &[(
+            "proxy.istio.io/config",
+            "holdApplicationUntilProxyStarts: false\n",
+        )],
+    );
+    assert_eq!(post_start(&opted_out, &config), Value::Null);
+    // A native sidecar is started before the app by the kubelet itself.
+    let native = InjectConfig {
+        native_sidecars: true,
+        ..Default::default()
+    };
+    assert_eq!(post_start(&pod(SLEEP), &native), Value::Null);
+    let off = InjectConfig {
+        hold_application_until_proxy_starts: false,
+        ..Default::default()
+    };
+    let opted_in = with_annotations(
+        pod(SLEEP),
+        &[(
+            "proxy.istio.io/config",
+            "{holdApplicationUntilProxyStarts: true}",
+        )],
+    );
+    assert_ne!(post_start(&opted_in, &off), Value::Null);
 }
