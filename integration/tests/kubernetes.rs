@@ -798,6 +798,29 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
         proxy_and_app
     );
 
+    // A pod the injector cannot act on is not created, and the API server's answer says why.
+    let bad: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "bad-cpu", "annotations": {"sidecar.istio.io/proxyCPU": "lots"}},
+        "spec": {"containers": [{"name": "app", "image": "weft-test-app"}]},
+    }))
+    .expect("pod");
+    let refused = kube::Api::<Pod>::namespaced(cluster.admin.clone(), &labelled)
+        .create(&kube::api::PostParams::default(), &bad)
+        .await
+        .expect_err("the webhook refuses it");
+    let message = refused.to_string();
+    assert!(
+        message.contains("sidecar.istio.io/proxyCPU") && message.contains("quantity"),
+        "{message}"
+    );
+    assert!(
+        cluster
+            .get("v1", "Pod", &labelled, "bad-cpu")
+            .await
+            .is_none(),
+        "the refused pod does not exist"
+    );
+
     // As the API server stored it: the app's probe goes through the proxy, and on 1.20 (no native
     // sidecars) the proxy holds the app until it is ready.
     let stored = cluster
@@ -825,10 +848,12 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
     );
 
     let (_, metrics) = get_text(monitoring, "/metrics").await.expect("metrics");
-    assert!(
-        metrics.contains("sidecar_injection_success_total 2"),
-        "{metrics}"
-    );
+    for counted in [
+        "sidecar_injection_success_total 2",
+        "sidecar_injection_failure_total 1",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
     cluster
         .delete(
             &format!("apiVersion: admissionregistration.k8s.io/v1\nkind: MutatingWebhookConfiguration\nmetadata: {{name: {name}}}\n"),

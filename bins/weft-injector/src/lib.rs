@@ -72,6 +72,8 @@ impl Default for InjectConfig {
 pub enum MutateError {
     #[error("not injected: {0}")]
     Skipped(#[from] Skip),
+    #[error("{0}")]
+    Annotation(#[from] template::InvalidAnnotation),
     #[error("cannot encode the pod: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -103,6 +105,7 @@ pub fn mutate(
             .unwrap_or(false),
     };
     select::should_inject(candidate, namespace_labels, config)?;
+    template::check_annotations(candidate.annotations)?;
     let injected = template::inject(pod, namespace, config);
     let patch = json_patch::diff(
         &serde_json::to_value(pod)?,

@@ -257,6 +257,83 @@ fn hold_application(annotations: &BTreeMap<String, String>, config: &InjectConfi
         .unwrap_or(config.hold_application_until_proxy_starts)
 }
 
+/// A pod annotation the injector cannot act on. The pod is refused with it: injecting around a bad
+/// value would make a pod whose proxy is not what its owner asked for.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("annotation {annotation}={value:?}: {reason}")]
+pub struct InvalidAnnotation {
+    pub annotation: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Checks the annotations that change what is injected, before anything is.
+pub fn check_annotations(annotations: &BTreeMap<String, String>) -> Result<(), InvalidAnnotation> {
+    let invalid = |annotation: &str, reason: String| InvalidAnnotation {
+        annotation: annotation.to_string(),
+        value: annotations.get(annotation).cloned().unwrap_or_default(),
+        reason,
+    };
+    for key in [PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT] {
+        if let Some(value) = annotations.get(key)
+            && !is_quantity(value)
+        {
+            return Err(invalid(
+                key,
+                "not a Kubernetes quantity such as 100m or 128Mi".into(),
+            ));
+        }
+    }
+    for key in [probes::REWRITE_ANNOTATION, MERGE_METRICS] {
+        if let Some(value) = annotations.get(key)
+            && value != "true"
+            && value != "false"
+        {
+            return Err(invalid(key, "\"true\" or \"false\"".into()));
+        }
+    }
+    if let Some(text) = annotations.get(PROXY_CONFIG) {
+        let config: Value = serde_saphyr::from_str(text)
+            .map_err(|e| invalid(PROXY_CONFIG, format!("not YAML: {e}")))?;
+        match config.get("holdApplicationUntilProxyStarts") {
+            None | Some(Value::Bool(_)) => {}
+            Some(_) => {
+                return Err(invalid(
+                    PROXY_CONFIG,
+                    "holdApplicationUntilProxyStarts must be true or false".into(),
+                ));
+            }
+        }
+        if !config.is_object() && !config.is_null() {
+            return Err(invalid(PROXY_CONFIG, "not a ProxyConfig mapping".into()));
+        }
+    }
+    let capture = CaptureConfig::default().with_annotations(annotations);
+    weft_proxy::iptables::rules(&capture).map_err(|e| InvalidAnnotation {
+        annotation: "traffic.sidecar.istio.io/*".into(),
+        value: String::new(),
+        reason: e.to_string(),
+    })?;
+    Ok(())
+}
+
+/// Kubernetes' quantity syntax: a decimal number and a binary, decimal or exponent suffix.
+fn is_quantity(text: &str) -> bool {
+    let digits_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits_end);
+    let number_ok = !number.is_empty() && number != "." && number.matches('.').count() <= 1;
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(|exp| {
+        let exp = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+        !exp.is_empty() && exp.chars().all(|c| c.is_ascii_digit())
+    });
+    number_ok && suffix_ok
+}
+
 fn container(value: Value) -> Container {
     serde_json::from_value(value).expect("the template's containers are valid Containers (tested)")
 }

@@ -340,3 +340,54 @@ fn the_app_waits_for_its_proxy_unless_the_pod_says_not_to() {
     );
     assert_ne!(post_start(&opted_in, &off), Value::Null);
 }
+
+#[test]
+fn annotations_it_cannot_act_on_refuse_the_pod_with_the_reason() {
+    let config = InjectConfig::default();
+    for (annotation, value, reason) in [
+        ("sidecar.istio.io/proxyCPU", "lots", "quantity"),
+        ("sidecar.istio.io/proxyMemoryLimit", "1.2.3Gi", "quantity"),
+        (
+            "traffic.sidecar.istio.io/excludeInboundPorts",
+            "http",
+            "not a list",
+        ),
+        (
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            "10.0.0.0/99",
+            "not a list",
+        ),
+        (
+            "sidecar.istio.io/rewriteAppHTTPProbers",
+            "yes",
+            "\"true\" or \"false\"",
+        ),
+        (
+            "proxy.istio.io/config",
+            "holdApplicationUntilProxyStarts: [",
+            "not YAML",
+        ),
+        (
+            "proxy.istio.io/config",
+            "holdApplicationUntilProxyStarts: sometimes",
+            "true or false",
+        ),
+    ] {
+        let err = mutate(
+            &with_annotations(pod(SLEEP), &[(annotation, value)]),
+            "demo",
+            Some(&enabled()),
+            &config,
+        )
+        .expect_err(annotation);
+        let text = err.to_string();
+        assert!(text.contains(reason), "{annotation}={value}: {text}");
+    }
+    for fine in ["100m", "2", "0.5", "128Mi", "1e3", "1Gi"] {
+        let pod = with_annotations(pod(SLEEP), &[("sidecar.istio.io/proxyCPU", fine)]);
+        assert!(
+            mutate(&pod, "demo", Some(&enabled()), &config).is_ok(),
+            "{fine}"
+        );
+    }
+}
