@@ -272,8 +272,11 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
     let results = client.spawn(|| async {
         let vip = format!("{VIP}:9080");
         // A routing rule: the default route goes to v1, the canary header to v2.
-        let (status, body) = eventually("HTTP through both proxies", || {
-            http_get(&vip, HOST, "/hello", &[])
+        // Until the backends' proxies have their config, the client's answers 503: wait for the 200.
+        let (status, body) = eventually("HTTP through both proxies", || async {
+            let (status, body) = http_get(&vip, HOST, "/hello", &[]).await?;
+            anyhow::ensure!(status == 200, "{status}: {body}");
+            Ok((status, body))
         })
         .await;
         assert_eq!((status, body.as_str()), (200, "v1 /hello"));
@@ -384,6 +387,31 @@ fn pods_talk_through_captured_proxies() -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     locked_results.join().expect("locked thread")?;
+
+    // As the kubelet and Prometheus do, from outside the pod: the proxy's readiness and status ports
+    // are not captured, and the admin's config is not on them.
+    let kubelet = control.spawn(|| async {
+        let backend = "10.98.0.21";
+        let readiness = format!("{backend}:15021");
+        let (status, body) = eventually("the backend proxy's readiness", || {
+            http_get(&readiness, backend, "/healthz/ready", &[])
+        })
+        .await;
+        assert_eq!((status, body.as_str()), (200, "LIVE\n"));
+        let (status, _) =
+            http_get(&format!("{backend}:15020"), backend, "/healthz/ready", &[]).await?;
+        assert_eq!(status, 200);
+        let (status, _) =
+            http_get(&format!("{backend}:15020"), backend, "/config_dump", &[]).await?;
+        assert_eq!(status, 404);
+        let admin = http_get(&format!("{backend}:15000"), backend, "/config_dump", &[]).await;
+        assert!(
+            admin.is_err(),
+            "admin is reachable from outside the pod: {admin:?}"
+        );
+        anyhow::Ok(())
+    });
+    kubelet.join().expect("kubelet thread")?;
     drop(outside);
     Ok(())
 }
