@@ -1,9 +1,9 @@
 //! A real kube-apiserver for tests (`cargo xtask test` starts one and sets `WEFT_TEST_KUBECONFIG`):
 //! namespaces of their own, manifests applied as users apply them, and weftd's least-privilege
-//! credentials from `manifests/weftd-rbac.yaml`.
+//! credentials from the charts' RBAC.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
@@ -32,10 +32,6 @@ pub struct Cluster {
     discovery: Discovery,
 }
 
-fn repo_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
-
 impl Cluster {
     /// The cluster `WEFT_TEST_KUBECONFIG` names; these tests run only under `cargo xtask test`.
     pub async fn connect() -> Self {
@@ -55,12 +51,10 @@ impl Cluster {
             kubeconfig,
             discovery,
         };
-        cluster
-            .apply(
-                &std::fs::read_to_string(repo_file("manifests/crds.yaml")).expect("CRDs"),
-                "",
-            )
-            .await;
+        let crds = rendered("base", "istio-system", |m| {
+            m.object["kind"] == "CustomResourceDefinition"
+        });
+        cluster.apply(&crds, "").await;
         // The CRDs' kinds are served a moment after they are created.
         let mut cluster = cluster;
         cluster.discovery = wait_for(
@@ -274,20 +268,34 @@ impl Cluster {
             .token
     }
 
-    /// A kubeconfig for weftd in `namespace`, holding only what `manifests/weftd-rbac.yaml` grants.
+    /// A kubeconfig for weftd in `namespace`, holding only what the charts grant it: the base chart's
+    /// ClusterRole and the weftd chart's ServiceAccount, Role and their bindings.
     pub async fn weftd_kubeconfig(&self, namespace: &str) -> PathBuf {
-        let rbac = std::fs::read_to_string(repo_file("manifests/weftd-rbac.yaml")).expect("rbac");
-        let rbac = rbac
-            .replace(
-                "namespace: istio-system",
-                &format!("namespace: {namespace}"),
+        let rbac = |m: &weft_charts::Manifest| {
+            matches!(
+                m.object["kind"].as_str(),
+                Some(
+                    "ClusterRole"
+                        | "ClusterRoleBinding"
+                        | "ServiceAccount"
+                        | "Role"
+                        | "RoleBinding"
+                )
             )
-            // One ClusterRoleBinding per weftd namespace; the ClusterRole is shared.
-            .replace(
-                "kind: ClusterRoleBinding\nmetadata:\n  name: weftd",
-                &format!("kind: ClusterRoleBinding\nmetadata:\n  name: weftd-{namespace}"),
-            );
-        self.apply(&rbac, namespace).await;
+        };
+        let mut cluster_rbac = chart_manifests("base", namespace);
+        cluster_rbac.retain(rbac);
+        // One ClusterRoleBinding per weftd namespace; the ClusterRole is shared.
+        for m in &mut cluster_rbac {
+            if m.object["kind"] == "ClusterRoleBinding" {
+                m.object["metadata"]["name"] = format!("weftd-{namespace}").into();
+            }
+        }
+        let mut own = chart_manifests("weftd", namespace);
+        own.retain(rbac);
+        cluster_rbac.extend(own);
+        let text = weft_charts::to_yaml_stream(&cluster_rbac).expect("yaml");
+        self.apply(&text, namespace).await;
         let token = self
             .token(
                 namespace,
@@ -313,6 +321,32 @@ impl Cluster {
         .expect("write kubeconfig");
         path
     }
+}
+
+/// A chart's manifests for a control plane in `namespace`, as `weftctl install` renders them.
+fn chart_manifests(chart: &str, namespace: &str) -> Vec<weft_charts::Manifest> {
+    weft_charts::chart(chart)
+        .expect("embedded chart")
+        .render(
+            &weft_charts::Release {
+                name: "weft".into(),
+                namespace: namespace.into(),
+            },
+            weft_charts::KubeVersion {
+                major: 1,
+                minor: 20,
+            },
+            &json!({"global": {"istioNamespace": namespace}}),
+        )
+        .expect("the chart renders")
+}
+
+fn rendered(chart: &str, namespace: &str, keep: impl Fn(&weft_charts::Manifest) -> bool) -> String {
+    let manifests: Vec<_> = chart_manifests(chart, namespace)
+        .into_iter()
+        .filter(keep)
+        .collect();
+    weft_charts::to_yaml_stream(&manifests).expect("yaml")
 }
 
 fn docs(yaml: &str, namespace: &str) -> Vec<Value> {

@@ -1,6 +1,6 @@
 //! weftd against a real kube-apiserver (1.20, from Debian's source; `cargo xtask test` starts one and
 //! runs these with `--ignored --test-threads=1`). weftd always runs with only the rights
-//! `manifests/weftd-rbac.yaml` grants, so a missing rule fails here first.
+//! the charts' RBAC grants, so a missing rule fails here first.
 
 use std::{
     net::SocketAddr,

@@ -77,7 +77,7 @@ pub fn test(root: &Path) -> anyhow::Result<()> {
     result.and(stopped)
 }
 
-pub const CRDS: &str = "manifests/crds.yaml";
+pub const CRDS: &str = "charts/base/templates/crds.yaml";
 
 pub fn gen_crds(root: &Path) -> anyhow::Result<()> {
     let path = root.join(CRDS);

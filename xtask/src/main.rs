@@ -35,7 +35,7 @@ enum Task {
     /// Measure weft-proxy against a direct connection (and haproxy where installed): latency at a fixed
     /// rate, throughput at full speed, CPU per request and RSS.
     Bench(bench::Options),
-    /// Write manifests/crds.yaml from the table in crates/api/src/kinds.rs.
+    /// Write charts/base/templates/crds.yaml from the table in crates/api/src/kinds.rs.
     GenCrds,
     /// Start a real Kubernetes control plane on 127.0.0.1 (built on first use) and print its kubeconfig.
     KubeUp,
@@ -88,7 +88,14 @@ fn cargo(args: &[&str]) -> Command {
 }
 
 /// The third-party peers the tests run against, pinned.
-const PYTHON_PEERS: [&str; 3] = ["grpcio==1.85.*", "prometheus-client==0.26.*", "pytest==9.*"];
+/// (The chart tests fetch the helm binary themselves, from a wheel that is not installed.)
+const PYTHON_PEERS: [&str; 5] = [
+    "grpcio==1.85.*",
+    "prometheus-client==0.26.*",
+    "pytest==9.*",
+    "kubernetes-validate==1.37.*",
+    "pyyaml==6.*",
+];
 
 /// A virtualenv in `.venv` with the Python peers, created on first use.
 fn venv_python(root: &Path) -> anyhow::Result<PathBuf> {
@@ -138,7 +145,15 @@ fn test(root: &Path, no_python: bool, no_kube: bool) -> anyhow::Result<()> {
     // The network-namespace tests and the Python peers run the real binaries.
     run(
         "build binaries",
-        &mut cargo(&["build", "--bin", "weftd", "--bin", "weft-proxy"]),
+        &mut cargo(&[
+            "build",
+            "--bin",
+            "weftd",
+            "--bin",
+            "weft-proxy",
+            "--bin",
+            "weftctl",
+        ]),
     )?;
     run(
         "unit, in-process and network-namespace tests",

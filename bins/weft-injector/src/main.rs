@@ -45,6 +45,19 @@ struct Args {
     /// `proxy.istio.io/config`.
     #[arg(long, env = "WEFT_HOLD_APPLICATION_UNTIL_PROXY_STARTS", default_value_t = true, action = clap::ArgAction::Set)]
     hold_application_until_proxy_starts: bool,
+    /// The sidecar's CPU request (Istio's global.proxy.resources); a pod overrides it with
+    /// sidecar.istio.io/proxyCPU.
+    #[arg(long, env = "WEFT_PROXY_CPU", default_value = "100m")]
+    proxy_cpu: String,
+    /// The sidecar's memory request; sidecar.istio.io/proxyMemory overrides it.
+    #[arg(long, env = "WEFT_PROXY_MEMORY", default_value = "128Mi")]
+    proxy_memory: String,
+    /// The sidecar's CPU limit; sidecar.istio.io/proxyCPULimit overrides it.
+    #[arg(long, env = "WEFT_PROXY_CPU_LIMIT", default_value = "2000m")]
+    proxy_cpu_limit: String,
+    /// The sidecar's memory limit; sidecar.istio.io/proxyMemoryLimit overrides it.
+    #[arg(long, env = "WEFT_PROXY_MEMORY_LIMIT", default_value = "1024Mi")]
+    proxy_memory_limit: String,
     /// The MutatingWebhookConfiguration whose caBundle this injector keeps current.
     #[arg(long, env = "WEFT_WEBHOOK_CONFIGURATION")]
     webhook_configuration: Option<String>,
@@ -69,6 +82,12 @@ fn main() -> ExitCode {
             revision: args.revision,
             discovery_address: args.discovery_address,
             hold_application_until_proxy_starts: args.hold_application_until_proxy_starts,
+            resources: weft_injector::ProxyResources {
+                cpu: args.proxy_cpu,
+                memory: args.proxy_memory,
+                cpu_limit: args.proxy_cpu_limit,
+                memory_limit: args.proxy_memory_limit,
+            },
             ..Default::default()
         },
         webhook_configuration: args.webhook_configuration,

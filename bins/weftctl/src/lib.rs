@@ -3,4 +3,5 @@
 //! routing rule and reports whether the traffic did what the rule says.
 
 pub mod demo;
+pub mod manifest;
 pub mod sample_app;

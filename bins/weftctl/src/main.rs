@@ -45,6 +45,9 @@ enum Command {
         #[arg(long)]
         native_sidecars: bool,
     },
+    /// The manifests of an install.
+    #[command(subcommand)]
+    Manifest(ManifestCommand),
     /// The sidecar proxy, as `weft-proxy` runs it (the demo's interception mode starts it in each pod).
     #[command(hide = true)]
     Proxy {
@@ -57,6 +60,22 @@ enum Command {
     /// The demo's sample application, one workload per process (used by `cargo xtask bench`).
     #[command(hide = true, subcommand)]
     SampleApp(SampleApp),
+}
+
+#[derive(Debug, Subcommand)]
+enum ManifestCommand {
+    /// Print what `install` would apply for these values: the charts rendered as `helm template`
+    /// renders them.
+    Generate {
+        #[command(flatten)]
+        values: weftctl::manifest::ValuesArgs,
+        /// The control plane's namespace.
+        #[arg(short = 'n', long, default_value = "istio-system")]
+        namespace: String,
+        /// The Kubernetes version to render for (API versions differ: autoscaling/v2 from 1.23).
+        #[arg(long, default_value = "1.29", value_parser = weftctl::manifest::parse_kube_version)]
+        kube_version: weft_charts::KubeVersion,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +150,26 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weftctl kube-inject: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Manifest(ManifestCommand::Generate {
+            values,
+            namespace,
+            kube_version,
+        }) => {
+            let printed = values
+                .values()
+                .and_then(|v| weftctl::manifest::generate(&v, &namespace, kube_version))
+                .and_then(|m| weft_charts::to_yaml_stream(&m).map_err(anyhow::Error::msg));
+            match printed {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weftctl manifest generate: {e:#}");
                     ExitCode::FAILURE
                 }
             }

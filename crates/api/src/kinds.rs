@@ -222,12 +222,13 @@ pub fn crd(k: &IstioKind) -> Value {
     })
 }
 
-/// All of Weft's CRDs as one YAML stream: what `manifests/crds.yaml` holds, byte for byte.
+/// All of Weft's CRDs as the base chart's template: what `charts/base/templates/crds.yaml` holds, byte
+/// for byte.
 pub fn crds_yaml() -> String {
     let docs: Vec<Value> = ISTIO_KINDS.iter().map(crd).collect();
     let body = serde_saphyr::to_string_multiple(&docs).unwrap_or_default();
     format!(
-        "# Istio's custom resource definitions, as Weft serves them. Generated from crates/api/src/kinds.rs by\n# `cargo xtask gen-crds`; a test fails when this file and the table differ.\n{body}"
+        "# Istio's custom resource definitions, as Weft serves them. Generated from crates/api/src/kinds.rs by\n# `cargo xtask gen-crds`; a test fails when this file and the table differ.\n{{{{- if .Values.base.enableCRDTemplates }}}}\n{body}{{{{- end }}}}\n"
     )
 }
 
@@ -290,11 +291,14 @@ mod tests {
     /// One source: the checked-in file is what the table generates.
     #[test]
     fn the_shipped_crds_are_generated_from_the_table() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/crds.yaml");
-        let shipped = std::fs::read_to_string(path).expect("manifests/crds.yaml exists");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../charts/base/templates/crds.yaml"
+        );
+        let shipped = std::fs::read_to_string(path).expect("the base chart's CRDs exist");
         assert!(
             shipped == crds_yaml(),
-            "manifests/crds.yaml differs from crates/api/src/kinds.rs: run `cargo xtask gen-crds`"
+            "charts/base/templates/crds.yaml differs from crates/api/src/kinds.rs: run `cargo xtask gen-crds`"
         );
     }
 }

@@ -204,7 +204,7 @@ async fn watch_kind(
                     if kind.istio.is_some_and(|k| k.supported) {
                         warn!(
                             group = kind.group,
-                            "the API server does not serve this kind (apply manifests/crds.yaml); looking again every {}s",
+                            "the API server does not serve this kind (install the base chart: weftctl install, or helm install charts/base); looking again every {}s",
                             REDISCOVER.as_secs()
                         );
                     } else {
