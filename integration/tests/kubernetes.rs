@@ -865,3 +865,148 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
         .expect("joined")
         .expect("the injector drains cleanly");
 }
+
+/// `weftctl install` into the real API server: the charts' objects applied with server-side apply
+/// under field manager weftctl, again without conflict, and a clear reason when the control plane
+/// cannot come up (here: no scheduler, so its pod stays Pending). `uninstall` removes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
+    use weftctl::{
+        install::{InstallArgs, KubeArgs, UninstallArgs},
+        manifest::ValuesArgs,
+    };
+    let cluster = Cluster::connect().await;
+    let namespace = format!("weft-install-{}", std::process::id());
+    // A revision of its own, so its webhook selects no namespace other tests use.
+    let revision = format!("t{}", std::process::id());
+    let values = ValuesArgs {
+        sets: vec!["profile=demo".into()],
+        files: vec![],
+        revision: Some(revision.clone()),
+    };
+    let kube = KubeArgs {
+        kubeconfig: Some(cluster.kubeconfig.clone()),
+        context: None,
+    };
+    let args = InstallArgs {
+        values: values.clone(),
+        kube: kube.clone(),
+        namespace: namespace.clone(),
+        dry_run: false,
+        wait_timeout: Duration::from_secs(3),
+    };
+    for attempt in ["first", "again"] {
+        let err = weftctl::install::install(&args)
+            .await
+            .expect_err("no scheduler runs here, so weftd never becomes available");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains(&format!(
+                "Deployment {namespace}/weftd-{revision} is not available"
+            )) && message.contains("not scheduled"),
+            "{attempt}: {message}"
+        );
+    }
+    let deployment = cluster
+        .get(
+            "apps/v1",
+            "Deployment",
+            &namespace,
+            &format!("weftd-{revision}"),
+        )
+        .await
+        .expect("the Deployment");
+    let appliers: Vec<String> = deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| f.operation.as_deref() == Some("Apply"))
+        .filter_map(|f| f.manager.clone())
+        .collect();
+    assert_eq!(
+        appliers,
+        ["weftctl"],
+        "applied by weftctl alone, the second time without conflict"
+    );
+    let mesh = cluster
+        .get("v1", "ConfigMap", &namespace, &format!("istio-{revision}"))
+        .await
+        .expect("the mesh config");
+    assert!(
+        mesh.data["data"]["mesh"]
+            .as_str()
+            .is_some_and(|m| m.contains("accessLogFile: /dev/stdout")),
+        "the demo profile: {:?}",
+        mesh.data
+    );
+    let webhook = format!("istio-sidecar-injector-{revision}");
+    assert!(
+        cluster
+            .get(
+                "admissionregistration.k8s.io/v1",
+                "MutatingWebhookConfiguration",
+                "",
+                &webhook
+            )
+            .await
+            .is_some()
+    );
+
+    weftctl::install::uninstall(&UninstallArgs {
+        values,
+        kube,
+        namespace: namespace.clone(),
+        purge: false,
+    })
+    .await
+    .expect("uninstall");
+    for (api_version, kind, ns, name) in [
+        (
+            "apps/v1",
+            "Deployment",
+            namespace.as_str(),
+            format!("weftd-{revision}"),
+        ),
+        (
+            "v1",
+            "Service",
+            namespace.as_str(),
+            format!("istiod-{revision}"),
+        ),
+        (
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            "",
+            format!("weftd-{revision}"),
+        ),
+        (
+            "admissionregistration.k8s.io/v1",
+            "MutatingWebhookConfiguration",
+            "",
+            webhook.clone(),
+        ),
+    ] {
+        wait_for(&format!("{kind} {name} to be deleted"), WAIT, || async {
+            cluster
+                .get(api_version, kind, ns, &name)
+                .await
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+    assert!(
+        cluster
+            .get(
+                "apiextensions.k8s.io/v1",
+                "CustomResourceDefinition",
+                "",
+                "virtualservices.networking.istio.io"
+            )
+            .await
+            .is_some(),
+        "the CRDs stay without --purge"
+    );
+}

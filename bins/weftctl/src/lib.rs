@@ -3,5 +3,6 @@
 //! routing rule and reports whether the traffic did what the rule says.
 
 pub mod demo;
+pub mod install;
 pub mod manifest;
 pub mod sample_app;

@@ -45,6 +45,11 @@ enum Command {
         #[arg(long)]
         native_sidecars: bool,
     },
+    /// Install Weft into the cluster: the charts rendered for these values, applied with server-side
+    /// apply (CRDs first), then a wait for the control plane.
+    Install(weftctl::install::InstallArgs),
+    /// Delete what `install` applied for these values; `--purge` deletes the CRDs too.
+    Uninstall(weftctl::install::UninstallArgs),
     /// The manifests of an install.
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -174,6 +179,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Install(args) => match runtime.block_on(weftctl::install::install(&args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("✗ weftctl install: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Uninstall(args) => match runtime.block_on(weftctl::install::uninstall(&args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("✗ weftctl uninstall: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Iptables => {
             match weft_proxy::iptables::apply(&weft_proxy::iptables::CaptureConfig::default()) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -41,10 +41,19 @@ pub struct EndpointSlice {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub address_type: Option<String>,
-    #[serde(default)]
+    /// The API server writes `null` for a Service with no endpoints yet.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub endpoints: Vec<Endpoint>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub ports: Vec<EndpointPort>,
+}
+
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The label on an EndpointSlice that names the Service it belongs to.
@@ -157,6 +166,16 @@ pub fn endpoint_slice_from_v1beta1(mut doc: serde_json::Value) -> serde_json::Va
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_endpoint_slice_with_no_endpoints_yet_is_empty() {
+        let slice: super::EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "istiod-x", "namespace": "istio-system"},
+            "addressType": "IPv4", "endpoints": null, "ports": null,
+        }))
+        .expect("the API server's shape");
+        assert!(slice.endpoints.is_empty() && slice.ports.is_empty());
+    }
+
     use serde_json::json;
 
     use super::*;
