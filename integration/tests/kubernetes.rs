@@ -873,7 +873,7 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
 #[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
 async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
     use weftctl::{
-        install::{InstallArgs, KubeArgs, UninstallArgs},
+        install::{InstallArgs, KubeArgs, Target, UninstallArgs},
         manifest::ValuesArgs,
     };
     let cluster = Cluster::connect().await;
@@ -889,10 +889,13 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
         kubeconfig: Some(cluster.kubeconfig.clone()),
         context: None,
     };
-    let args = InstallArgs {
-        values: values.clone(),
-        kube: kube.clone(),
+    let target = Target {
+        values,
+        kube,
         namespace: namespace.clone(),
+    };
+    let args = InstallArgs {
+        target: target.clone(),
         dry_run: false,
         wait_timeout: Duration::from_secs(3),
     };
@@ -955,9 +958,7 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
     );
 
     weftctl::install::uninstall(&UninstallArgs {
-        values,
-        kube,
-        namespace: namespace.clone(),
+        target,
         purge: false,
     })
     .await

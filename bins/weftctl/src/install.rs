@@ -58,15 +58,22 @@ impl KubeArgs {
     }
 }
 
+/// Which install a command is about: its values, its cluster and its namespace.
 #[derive(Clone, Debug, clap::Args)]
-pub struct InstallArgs {
+pub struct Target {
     #[command(flatten)]
     pub values: ValuesArgs,
     #[command(flatten)]
     pub kube: KubeArgs,
-    /// The control plane's namespace, created if missing.
+    /// The control plane's namespace (`install` creates it if missing).
     #[arg(short = 'n', long, default_value = "istio-system")]
     pub namespace: String,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub target: Target,
     /// Send everything with the API server's dry run: it validates and admits, and nothing is kept.
     #[arg(long)]
     pub dry_run: bool,
@@ -78,11 +85,7 @@ pub struct InstallArgs {
 #[derive(Clone, Debug, clap::Args)]
 pub struct UninstallArgs {
     #[command(flatten)]
-    pub values: ValuesArgs,
-    #[command(flatten)]
-    pub kube: KubeArgs,
-    #[arg(short = 'n', long, default_value = "istio-system")]
-    pub namespace: String,
+    pub target: Target,
     /// Delete the CRDs too, and with them every Istio object in the cluster.
     #[arg(long)]
     pub purge: bool,
@@ -225,19 +228,20 @@ async fn wait_established(
 }
 
 pub async fn install(args: &InstallArgs) -> anyhow::Result<()> {
-    let values = args.values.values()?;
-    let (mut cluster, version, git_version) = Cluster::connect(&args.kube).await?;
-    let manifests = crate::manifest::generate(&values, &args.namespace, version)?;
+    let target = &args.target;
+    let values = target.values.values()?;
+    let (mut cluster, version, git_version) = Cluster::connect(&target.kube).await?;
+    let manifests = crate::manifest::generate(&values, &target.namespace, version)?;
     let profile = values["profile"].as_str().unwrap_or("default");
     println!(
         "weftctl install: profile {profile}, namespace {}, Kubernetes {git_version}{}",
-        args.namespace,
+        target.namespace,
         if args.dry_run { " (dry run)" } else { "" }
     );
     let namespace =
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": args.namespace}});
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": target.namespace}});
     cluster.apply(&namespace, args.dry_run).await?;
-    println!("✓ Namespace {}", args.namespace);
+    println!("✓ Namespace {}", target.namespace);
 
     let (crds, rest): (Vec<&Manifest>, Vec<&Manifest>) = manifests
         .iter()
@@ -257,7 +261,7 @@ pub async fn install(args: &InstallArgs) -> anyhow::Result<()> {
     }
     // A dry run keeps nothing, not even the namespace, so what would go into a new namespace can
     // only be checked once it exists.
-    let unchecked = args.dry_run && !cluster.namespace_exists(&args.namespace).await?;
+    let unchecked = args.dry_run && !cluster.namespace_exists(&target.namespace).await?;
     let mut by_chart: BTreeMap<&str, usize> = BTreeMap::new();
     for m in &rest {
         if unchecked && m.object["metadata"]["namespace"].is_string() {
@@ -279,7 +283,7 @@ pub async fn install(args: &InstallArgs) -> anyhow::Result<()> {
         if unchecked {
             println!(
                 "… Namespace {} does not exist yet, so the objects in it were not sent",
-                args.namespace
+                target.namespace
             );
         }
         println!("✓ dry run: the API server accepted what was sent; nothing was kept");
@@ -294,7 +298,7 @@ pub async fn install(args: &InstallArgs) -> anyhow::Result<()> {
         let name = d.object["metadata"]["name"].as_str().unwrap_or_default();
         let ns = d.object["metadata"]["namespace"]
             .as_str()
-            .unwrap_or(&args.namespace);
+            .unwrap_or(&target.namespace);
         println!(
             "… waiting for Deployment {ns}/{name} to be available (up to {:?})",
             args.wait_timeout
@@ -429,9 +433,10 @@ pub fn pod_reason(pod: &Pod) -> String {
 }
 
 pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
-    let values = args.values.values()?;
-    let (cluster, version, _) = Cluster::connect(&args.kube).await?;
-    let manifests = crate::manifest::generate(&values, &args.namespace, version)?;
+    let target = &args.target;
+    let values = target.values.values()?;
+    let (cluster, version, _) = Cluster::connect(&target.kube).await?;
+    let manifests = crate::manifest::generate(&values, &target.namespace, version)?;
     let mut removed = 0;
     // Webhook first and CRDs last: the reverse of the install order.
     for m in manifests.iter().rev() {

@@ -283,29 +283,15 @@ fn omit(args: &[Value]) -> Result<Value, FuncError> {
     }
 }
 
-/// Sprig's `mergeOverwrite`: maps merge key by key, later arguments win, anything else is replaced.
-pub(crate) fn merge_json(base: &mut serde_json::Value, overlay: &serde_json::Value) {
-    match (base, overlay) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(k) {
-                    Some(existing) if existing.is_object() && v.is_object() => {
-                        merge_json(existing, v)
-                    }
-                    _ => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (base, overlay) => *base = overlay.clone(),
-    }
-}
-
+/// Sprig's `mergeOverwrite`: later arguments win key by key.
 fn merge_overwrite(args: &[Value]) -> Result<Value, FuncError> {
     let mut merged = to_json_value(arg("mergeOverwrite", args, 0)?);
     for overlay in &args[1..] {
-        merge_json(&mut merged, &to_json_value(overlay));
+        crate::values::merge(
+            &mut merged,
+            &to_json_value(overlay),
+            crate::values::Nulls::Keep,
+        );
     }
     Ok(from_json_value(&merged))
 }

@@ -13,18 +13,27 @@ pub enum ValuesError {
     File(String, String),
 }
 
-/// Helm's coalescing: `overlay` over `base`, maps merged deeply, `null` removing the key.
-pub fn coalesce(base: &mut Value, overlay: &Value) {
+/// What a `null` in the overlay does when merging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nulls {
+    /// Helm's coalescing of values: `null` removes the key.
+    Delete,
+    /// Sprig's `mergeOverwrite`: `null` is a value like any other.
+    Keep,
+}
+
+/// `overlay` over `base`: maps merge key by key, anything else is replaced.
+pub fn merge(base: &mut Value, overlay: &Value, nulls: Nulls) {
     match (base, overlay) {
         (Value::Object(b), Value::Object(o)) => {
             for (k, v) in o {
-                if v.is_null() {
+                if v.is_null() && nulls == Nulls::Delete {
                     b.remove(k);
                     continue;
                 }
                 match b.get_mut(k) {
                     Some(existing) if existing.is_object() && v.is_object() => {
-                        coalesce(existing, v)
+                        merge(existing, v, nulls)
                     }
                     _ => {
                         b.insert(k.clone(), v.clone());
@@ -34,6 +43,11 @@ pub fn coalesce(base: &mut Value, overlay: &Value) {
         }
         (base, overlay) => *base = overlay.clone(),
     }
+}
+
+/// Helm's coalescing: `overlay` over `base`, maps merged deeply, `null` removing the key.
+pub fn coalesce(base: &mut Value, overlay: &Value) {
+    merge(base, overlay, Nulls::Delete);
 }
 
 /// A values file's contents (`-f`): a mapping, or nothing.
