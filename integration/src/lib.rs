@@ -135,7 +135,9 @@ impl Mesh {
         mesh
     }
 
-    /// Starts weftd, on the same addresses as before when it ran already, so proxies find it again.
+    /// Starts weftd, on the same xDS and CA addresses as before when it ran already, so proxies find it
+    /// again. Its monitoring port is new each time: nothing needs it stable, and rebinding an old
+    /// ephemeral port races other tests taking it.
     pub async fn start_weftd(&mut self) {
         let on_kubernetes = self.kube.is_some();
         let app = weftd::app::build(weftd::app::Config {
@@ -148,7 +150,7 @@ impl Mesh {
             },
             xds_address: Some(self.xds),
             secure_address: self.secure,
-            monitoring_address: self.monitoring,
+            monitoring_address: SocketAddr::new(self.monitoring.ip(), 0),
             mesh: weftd::translate::MeshOptions {
                 access_log_file: self.dir.join("access.log").display().to_string(),
                 ..Default::default()
