@@ -610,9 +610,9 @@ async fn injected_samples_pass_the_api_servers_validation() {
     let enabled =
         std::collections::BTreeMap::from([("istio-injection".to_string(), "enabled".to_string())]);
     let samples = [
-        include_str!("../../bins/weft-injector/testdata/productpage-pod.yaml"),
-        include_str!("../../bins/weft-injector/testdata/httpbin-pod.yaml"),
-        include_str!("../../bins/weft-injector/testdata/sleep-pod.yaml"),
+        include_str!("../../crates/inject/testdata/productpage-pod.yaml"),
+        include_str!("../../crates/inject/testdata/httpbin-pod.yaml"),
+        include_str!("../../crates/inject/testdata/sleep-pod.yaml"),
     ];
     let pods: kube::Api<Pod> = kube::Api::namespaced(cluster.admin.clone(), &ns);
     for sample in samples {
@@ -625,11 +625,11 @@ async fn injected_samples_pass_the_api_servers_validation() {
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
         cluster.service_account_with_token(&ns, &sa).await;
-        let injected = weft_injector::mutate(
+        let injected = weft_inject::mutate(
             &pod,
             &ns,
             Some(&enabled),
-            &weft_injector::InjectConfig::default(),
+            &weft_inject::InjectConfig::default(),
         )
         .expect("injected");
         let created = pods
@@ -699,7 +699,7 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
         monitoring_address: "127.0.0.1:0".parse().expect("addr"),
         dns_names: vec!["localhost".into()],
         trust_domain: "cluster.local".into(),
-        inject: weft_injector::InjectConfig::default(),
+        inject: weft_inject::InjectConfig::default(),
         webhook_configuration: Some(name.clone()),
         // Asked of the API server: 1.20 has no native sidecars.
         native_sidecars: weft_injector::server::NativeSidecars::Auto,

@@ -1,7 +1,8 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use weft_injector::{InjectConfig, server};
+use weft_inject::InjectConfig;
+use weft_injector::server;
 
 /// Weft's sidecar injector: a mutating admission webhook that gives pods weft-proxy as Istio's
 /// injector gives them Envoy.
@@ -82,7 +83,7 @@ fn main() -> ExitCode {
             revision: args.revision,
             discovery_address: args.discovery_address,
             hold_application_until_proxy_starts: args.hold_application_until_proxy_starts,
-            resources: weft_injector::ProxyResources {
+            resources: weft_inject::ProxyResources {
                 cpu: args.proxy_cpu,
                 memory: args.proxy_memory,
                 cpu_limit: args.proxy_cpu_limit,

@@ -1,4 +1,4 @@
-//! The webhook: `POST /inject` over TLS on Istio's 15017, answered by [`crate::admission::review`];
+//! The webhook: `POST /inject` over TLS on Istio's 15017, answered by [`weft_inject::admission::review`];
 //! `/metrics` (Istio's `sidecar_injection_*` counters) and `/ready` in plaintext on the monitoring
 //! port. The serving certificate comes from a CA the injector makes at start; it keeps its
 //! MutatingWebhookConfiguration's `caBundle` equal to that CA's root, so the API server trusts it.
@@ -15,7 +15,7 @@ use tracing::{Instrument, info, info_span, warn};
 use weft_certs::{Ca, ClientAuth, IdentityCell, PeerPolicy, SpiffeId};
 use weft_drain::{Acceptor, DrainWatcher};
 
-use crate::{
+use weft_inject::{
     InjectConfig,
     admission::{self, Outcome},
 };

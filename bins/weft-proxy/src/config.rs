@@ -36,8 +36,7 @@ pub const ENV_ROOT_CERT: &str = "WEFT_CA_ROOT_CERT";
 pub const ENV_TOKEN_FILE: &str = "WEFT_CA_TOKEN_FILE";
 const DEFAULT_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
 const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
-pub const ADMIN_PORT: u16 = 15000;
-pub const STATS_PORT: u16 = 15090;
+pub use weft_sidecar::pod::{ADMIN_PORT, STATS_PORT};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {

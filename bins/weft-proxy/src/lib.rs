@@ -11,7 +11,8 @@ pub mod config;
 mod detect;
 mod http;
 pub mod identity;
-pub mod iptables;
+/// The capture rules of the pod's init step (`weft-proxy iptables`), shared with the injector.
+pub use weft_sidecar::iptables;
 mod lb;
 mod listeners;
 pub mod model;

@@ -84,9 +84,8 @@ pub struct Options {
     pub rate: u32,
     pub config_dir: Option<PathBuf>,
     pub mode: Mode,
-    /// The `weftctl` executable interception mode runs in each pod (`weftctl proxy`, `weftctl iptables`);
-    /// `None` means this program itself.
-    pub weftctl: Option<PathBuf>,
+    /// Where `weftd` and `weft-proxy` are; `None` looks beside this program, then on `PATH`.
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// How workloads reach their proxies.
@@ -139,16 +138,15 @@ struct Captured {
 }
 
 /// Interception mode: each workload a network namespace on a bridge with the capture rules installed by
-/// `weftctl iptables` and a proxy (`weftctl proxy`) running as uid 1337; the apps run on threads inside
-/// the namespaces; weftd runs here, on this machine's end of the bridge.
-async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Running> {
+/// `weft-proxy iptables` and a `weft-proxy` running as uid 1337; the apps run on threads inside the
+/// namespaces; weftd runs here, on this machine's end of the bridge.
+async fn start_captured(dir: &Path, bins: &Binaries) -> anyhow::Result<Running> {
     let (trigger, watcher) = weft_drain::new();
-    let mut tasks = JoinSet::new();
-    let own = std::env::current_exe()?;
-    let exe = weft_netns::SharedExecutable::new(weftctl.unwrap_or(&own))?;
+    let tasks = JoinSet::new();
+    let exe = weft_netns::SharedExecutable::new(&bins.proxy)?;
     let network = weft_netns::Network::new()?;
     let host = network.attach_host(HOST_IP)?;
-    let xds = start_weftd(dir, HOST_IP.into(), &mut tasks, &watcher).await?;
+    let (weftd, xds) = start_weftd(dir, HOST_IP.into(), bins).await?;
     let (mut proxies, mut apps, mut pods, mut metrics_urls, mut stats) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let exe_path = exe
@@ -167,7 +165,7 @@ async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Ru
         let proxy = ns
             .command("setpriv")
             .args(["--reuid=1337", "--regid=1337", "--clear-groups", &exe_path])
-            .args(["proxy", "--xds-address", &format!("https://{}", xds.secure)])
+            .args(["--xds-address", &format!("https://{}", xds.secure)])
             .env("POD_NAME", wl.pod)
             .env("POD_NAMESPACE", "demo")
             .env("INSTANCE_IP", ip.to_string())
@@ -220,6 +218,8 @@ async fn start_captured(dir: &Path, weftctl: Option<&Path>) -> anyhow::Result<Ru
         metrics_urls,
         stats,
         xds,
+        weftd,
+        proxies: Vec::new(),
         frontend,
         backend_inbound: SocketAddr::new(format!("{POD_NET}.21").parse::<Ipv4Addr>()?.into(), 9080),
         captured: Some(captured),
@@ -318,6 +318,9 @@ struct Running {
     stats: Vec<(String, SocketAddr)>,
     /// The namespaces, processes and threads of interception mode; dropping it tears them down.
     captured: Option<Captured>,
+    weftd: weft_netns::Process,
+    /// Explicit mode's proxies (interception mode's live in `captured`).
+    proxies: Vec<weft_netns::Process>,
     trigger: DrainTrigger,
     tasks: JoinSet<()>,
     metrics_urls: Vec<(String, String)>,
@@ -329,84 +332,192 @@ struct XdsView {
     secure: SocketAddr,
     /// Where the trust bundle and bootstrap tokens are.
     identity_dir: PathBuf,
+    /// weftd's `/ready` and `/metrics` (Istio's 15014).
     monitoring: SocketAddr,
-    metrics: weft_xds::XdsMetrics,
 }
 
-/// weftd, in this process, serving on `ip`.
+/// The programs the demo runs: the same binaries a cluster runs.
+pub struct Binaries {
+    pub weftd: PathBuf,
+    pub proxy: PathBuf,
+}
+
+impl Binaries {
+    /// `weftd` and `weft-proxy` in `dir`, else beside this program, else on `PATH`.
+    pub fn find(dir: Option<&Path>) -> anyhow::Result<Self> {
+        let own_dir = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf));
+        let mut dirs: Vec<PathBuf> = match dir {
+            Some(d) => vec![d.to_path_buf()],
+            None => own_dir.into_iter().collect(),
+        };
+        // A test binary lives in cargo's `deps/`, one below the binaries it runs.
+        if let Some(parent) = dirs
+            .first()
+            .filter(|d| d.ends_with("deps"))
+            .and_then(|d| d.parent())
+        {
+            dirs.push(parent.to_path_buf());
+        }
+        if dir.is_none()
+            && let Some(path) = std::env::var_os("PATH")
+        {
+            dirs.extend(std::env::split_paths(&path));
+        }
+        let find = |name: &str| {
+            dirs.iter()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "cannot find {name} in {}; build it beside weftctl (`cargo build --release` builds every binary) or put it on PATH",
+                        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                    )
+                })
+        };
+        Ok(Self {
+            weftd: find("weftd")?,
+            proxy: find("weft-proxy")?,
+        })
+    }
+}
+
+/// weftd, as its own process, serving Istio's ports on `ip` from the demo's directory, with a CA that
+/// lives as long as the demo.
 async fn start_weftd(
     dir: &Path,
     ip: std::net::IpAddr,
-    tasks: &mut JoinSet<()>,
-    watcher: &weft_drain::DrainWatcher,
-) -> anyhow::Result<XdsView> {
-    let weftd = weftd::app::build(weftd::app::Config {
-        source: weftd::app::Source::Dir {
-            config_dir: dir.to_path_buf(),
-            poll_interval: Duration::from_millis(500),
-        },
-        xds_address: None,
-        secure_address: SocketAddr::new(ip, 0),
-        monitoring_address: SocketAddr::new(ip, 0),
-        mesh: weftd::translate::MeshOptions {
-            access_log_file: dir.join("access.log").display().to_string(),
-            ..Default::default()
-        },
-        ca_dir: None,
-        identity_dir: Some(dir.join("identity")),
-        lifetimes: Default::default(),
-    })
-    .await?;
+    bins: &Binaries,
+) -> anyhow::Result<(weft_netns::Process, XdsView)> {
     let xds = XdsView {
-        secure: weftd.secure_address(),
+        secure: SocketAddr::new(ip, 15012),
         identity_dir: dir.join("identity"),
-        monitoring: weftd.monitoring_address(),
-        metrics: weftd.xds_metrics(),
+        monitoring: SocketAddr::new(ip, 15014),
     };
-    let w = watcher.clone();
-    tasks.spawn(async move {
-        if let Err(e) = weftd.run(w).await {
-            tracing::error!(error = %e, "weftd stopped");
+    let log_path = dir.join("weftd.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let child = std::process::Command::new(&bins.weftd)
+        .arg("--config-dir")
+        .arg(dir)
+        .args(["--xds-address", ""])
+        .args(["--secure-address", &xds.secure.to_string()])
+        .args(["--monitoring-address", &xds.monitoring.to_string()])
+        .arg("--identity-dir")
+        .arg(&xds.identity_dir)
+        .arg("--ephemeral-ca")
+        .arg("--access-log-file")
+        .arg(dir.join("access.log"))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bins.weftd.display()))?;
+    let mut weftd = weft_netns::Process(child);
+    let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
+    let ready = format!("http://{}/ready", xds.monitoring);
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Some(status)) = weftd.0.try_wait() {
+            bail!(
+                "weftd exited ({status}) before it was ready; its log {}:\n{}",
+                log_path.display(),
+                log_tail(&log_path)
+            );
         }
-    });
-    Ok(xds)
+        if get(&client, &ready).await.is_ok() {
+            break;
+        }
+        if Instant::now() > until {
+            bail!(
+                "weftd was not ready on {ready} within 15s; its log {}:\n{}",
+                log_path.display(),
+                log_tail(&log_path)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for wl in &WORKLOADS {
+        let token = token_path(&xds, wl);
+        while !token.is_file() {
+            if Instant::now() > until {
+                bail!(
+                    "weftd wrote no bootstrap token {} within 15s",
+                    token.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok((weftd, xds))
 }
 
-/// Explicit-listener mode: every workload on its own 127.0.0.x address, proxies in this process.
-async fn start_explicit(dir: &Path) -> anyhow::Result<Running> {
+/// The last lines of a log, for an error that says why a process stopped.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Asks a process to stop (SIGTERM, so it drains) and kills it if it has not within `grace`.
+async fn terminate(mut process: weft_netns::Process, grace: Duration) {
+    let Ok(pid) = i32::try_from(process.0.id()) else {
+        return;
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let until = Instant::now() + grace;
+    while Instant::now() < until {
+        if let Ok(Some(_)) = process.0.try_wait() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Dropping kills what did not stop in time.
+}
+
+/// Explicit-listener mode: every workload on its own 127.0.0.x address, a `weft-proxy` process each.
+async fn start_explicit(dir: &Path, bins: &Binaries) -> anyhow::Result<Running> {
     let (trigger, watcher) = weft_drain::new();
     let mut tasks = JoinSet::new();
-    let xds = start_weftd(dir, "127.0.0.1".parse()?, &mut tasks, &watcher).await?;
+    let (weftd, xds) = start_weftd(dir, "127.0.0.1".parse()?, bins).await?;
 
-    let (mut metrics_urls, mut stats) = (Vec::new(), Vec::new());
+    let (mut metrics_urls, mut stats, mut proxies) = (Vec::new(), Vec::new(), Vec::new());
     for wl in &WORKLOADS {
-        let mut vars: Vec<(String, String)> = [
-            ("POD_NAME", wl.pod.to_string()),
-            ("POD_NAMESPACE", "demo".to_string()),
-            ("INSTANCE_IP", wl.ip.to_string()),
-            ("SERVICE_ACCOUNT", wl.app.to_string()),
-            ("ISTIO_METAJSON_LABELS", pod_labels(wl)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let log_path = dir.join(format!("{}.log", wl.pod));
+        let log = std::fs::File::create(&log_path)?;
         let token = token_path(&xds, wl);
-        vars.extend(identity_env(&xds, &token));
-        let config =
-            weft_proxy::config::Config::from_env(format!("https://{}", xds.secure), &vars)?;
-        let proxy = weft_proxy::app::build(config)
-            .await
+        let proxy = std::process::Command::new(&bins.proxy)
+            .args(["--xds-address", &format!("https://{}", xds.secure)])
+            .env("POD_NAME", wl.pod)
+            .env("POD_NAMESPACE", "demo")
+            .env("INSTANCE_IP", wl.ip)
+            .env("SERVICE_ACCOUNT", wl.app)
+            .env("ISTIO_METAJSON_LABELS", pod_labels(wl))
+            .envs(identity_env(&xds, &token))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
             .with_context(|| format!("cannot start the proxy for {}", wl.pod))?;
-        if let (Some(admin), Some(metrics)) = (proxy.admin_address(), proxy.stats_address()) {
-            metrics_urls.push((
-                wl.pod.to_string(),
-                format!(
-                    "admin http://{admin}/config_dump  http://{admin}/certs  metrics http://{metrics}/stats/prometheus"
-                ),
-            ));
-            stats.push((wl.pod.to_string(), metrics));
-        }
-        tasks.spawn(proxy.run(watcher.clone()));
+        proxies.push(weft_netns::Process(proxy));
+        let (admin, metrics) = (
+            format!("{}:{ADMIN_PORT}", wl.ip),
+            SocketAddr::new(wl.ip.parse()?, STATS_PORT),
+        );
+        metrics_urls.push((
+            wl.pod.to_string(),
+            format!(
+                "admin http://{admin}/config_dump  http://{admin}/certs  metrics http://{metrics}/stats/prometheus  proxy log {}",
+                log_path.display()
+            ),
+        ));
+        stats.push((wl.pod.to_string(), metrics));
         let app_addr: SocketAddr = format!("127.0.0.1:{}", wl.app_port).parse()?;
         let listener = bind(app_addr, wl.pod).await?;
         let w = watcher.clone();
@@ -432,11 +543,17 @@ async fn start_explicit(dir: &Path) -> anyhow::Result<Running> {
         metrics_urls,
         stats,
         xds,
+        weftd,
+        proxies,
         frontend: FRONTEND.parse()?,
         backend_inbound: "127.0.0.21:9080".parse()?,
         captured: None,
     })
 }
+
+/// Istio's proxy admin and Prometheus ports, where each explicit-mode proxy serves on its address.
+const ADMIN_PORT: u16 = 15000;
+const STATS_PORT: u16 = 15090;
 
 type DemoClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
@@ -531,10 +648,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         "  config directory: {}  (edit it while the demo runs; weftd reloads it)",
         dir.display()
     );
+    let bins = Binaries::find(options.bin_dir.as_deref())?;
     let running = if captured {
-        start_captured(&dir, options.weftctl.as_deref()).await?
+        start_captured(&dir, &bins).await?
     } else {
-        start_explicit(&dir).await?
+        start_explicit(&dir, &bins).await?
     };
     println!(
         "  weftd: CA and xDS over mTLS on {} (plaintext xDS is off), metrics on http://{}/metrics",
@@ -610,15 +728,32 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
 
     let mut scraped = Vec::new();
     for (pod, addr) in &running.stats {
-        scraped.push((pod.clone(), scrape(&client, *addr).await));
+        let url = format!("http://{addr}/stats/prometheus");
+        scraped.push((pod.clone(), get(&client, &url).await.unwrap_or_default()));
     }
-    let ok = report(&tallies, &running, &Security { plaintext, scraped });
+    let weftd_metrics = get(
+        &client,
+        &format!("http://{}/metrics", running.xds.monitoring),
+    )
+    .await
+    .unwrap_or_default();
+    let ok = report(
+        &tallies,
+        &running,
+        &Security { plaintext, scraped },
+        &weftd_metrics,
+    );
     let Running {
         trigger,
         mut tasks,
         captured,
+        weftd,
+        proxies,
         ..
     } = running;
+    for proxy in proxies {
+        terminate(proxy, Duration::from_secs(2)).await;
+    }
     if tokio::time::timeout(Duration::from_secs(5), trigger.drain())
         .await
         .is_err()
@@ -635,6 +770,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             }
         }
     }
+    terminate(weftd, Duration::from_secs(2)).await;
     Ok(ok)
 }
 
@@ -660,22 +796,37 @@ async fn plaintext_refused(addr: SocketAddr) -> Result<String, String> {
     }
 }
 
-async fn scrape(client: &DemoClient, addr: SocketAddr) -> String {
-    let Ok(req) = Request::builder()
-        .uri(format!("http://{addr}/stats/prometheus"))
+/// The body of a 2xx answer to a GET, or why there was none.
+async fn get(client: &DemoClient, url: &str) -> Result<String, String> {
+    let req = Request::builder()
+        .uri(url)
         .body(Empty::new())
-    else {
-        return String::new();
-    };
-    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-        Ok(Ok(resp)) => resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-            .unwrap_or_default(),
-        _ => String::new(),
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("{url}: {status}"));
     }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// NACKs weftd counted, summed over resource types, from its Prometheus text.
+fn nacks(weftd_metrics: &str) -> u64 {
+    weftd_metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_xds_nacks_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|n| n as u64)
+        .sum()
 }
 
 /// A label's value in one Prometheus text line.
@@ -715,7 +866,12 @@ fn denials(scraped: &[(String, String)], policy: &str) -> f64 {
         .sum()
 }
 
-fn report(tallies: &BTreeMap<&'static str, Tally>, running: &Running, security: &Security) -> bool {
+fn report(
+    tallies: &BTreeMap<&'static str, Tally>,
+    running: &Running,
+    security: &Security,
+    weftd_metrics: &str,
+) -> bool {
     println!("\nsummary");
     let mut ok = true;
     for (route, t) in tallies {
@@ -819,25 +975,20 @@ fn report(tallies: &BTreeMap<&'static str, Tally>, running: &Running, security: 
     for (source, destination, workload) in &hops {
         println!("      {source} -> {destination} ({workload})");
     }
-    println!(
-        "  xDS: {} NACKs from proxies",
-        [
-            "Cluster",
-            "ClusterLoadAssignment",
-            "Listener",
-            "RouteConfiguration"
-        ]
-        .iter()
-        .map(|t| running.xds.metrics.nacks_for(t))
-        .sum::<u64>()
-    );
+    println!("  xDS: {} NACKs from proxies", nacks(weftd_metrics));
     println!("\nendpoints");
     for (pod, urls) in &running.metrics_urls {
         println!("  {pod}: {urls}");
     }
     println!(
-        "  weftd: xDS and CA {}  metrics http://{}/metrics",
-        running.xds.secure, running.xds.monitoring
+        "  weftd: xDS and CA {}  metrics http://{}/metrics  log {}",
+        running.xds.secure,
+        running.xds.monitoring,
+        running
+            .xds
+            .identity_dir
+            .with_file_name("weftd.log")
+            .display()
     );
     println!(
         "\n{}",

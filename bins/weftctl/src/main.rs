@@ -28,6 +28,9 @@ enum Command {
         /// `explicit` gives each its own 127.0.0.x address; `auto` picks interception when it can.
         #[arg(long, value_enum, default_value = "auto")]
         mode: weftctl::demo::Mode,
+        /// Where `weftd` and `weft-proxy` are (default: beside weftctl, then `PATH`).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
     },
     /// Print manifests with sidecars injected, as `istioctl kube-inject`: Pods and the pod templates of
     /// Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs.
@@ -53,15 +56,6 @@ enum Command {
     /// The manifests of an install.
     #[command(subcommand)]
     Manifest(ManifestCommand),
-    /// The sidecar proxy, as `weft-proxy` runs it (the demo's interception mode starts it in each pod).
-    #[command(hide = true)]
-    Proxy {
-        #[arg(long)]
-        xds_address: String,
-    },
-    /// The pod's capture rules with Istio's defaults, as `weft-proxy iptables` installs them.
-    #[command(hide = true)]
-    Iptables,
     /// The demo's sample application, one workload per process (used by `cargo xtask bench`).
     #[command(hide = true, subcommand)]
     SampleApp(SampleApp),
@@ -122,30 +116,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Proxy { xds_address } => {
-            let vars: Vec<(String, String)> = std::env::vars().collect();
-            let result = weft_proxy::config::Config::from_env(xds_address, &vars)
-                .map_err(anyhow::Error::from)
-                .and_then(|c| {
-                    runtime
-                        .block_on(weft_proxy::app::run_until_signal(c))
-                        .map_err(anyhow::Error::from)
-                });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("weftctl proxy: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
         Command::KubeInject {
             file,
             proxy_image,
             discovery_address,
             native_sidecars,
         } => {
-            let config = weft_injector::InjectConfig {
+            let config = weft_inject::InjectConfig {
                 proxy_image,
                 discovery_address,
                 native_sidecars,
@@ -193,27 +170,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Iptables => {
-            match weft_proxy::iptables::apply(&weft_proxy::iptables::CaptureConfig::default()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("weftctl iptables: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
         Command::Demo {
             duration,
             rate,
             config_dir,
             mode,
+            bin_dir,
         } => {
             match runtime.block_on(weftctl::demo::run(weftctl::demo::Options {
                 duration,
                 rate,
                 config_dir,
                 mode,
-                weftctl: None,
+                bin_dir,
             })) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
@@ -226,14 +195,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn kube_inject(file: &std::path::Path, config: &weft_injector::InjectConfig) -> anyhow::Result<()> {
+fn kube_inject(file: &std::path::Path, config: &weft_inject::InjectConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let text = if file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
     } else {
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
     };
-    let (injected, skipped) = weft_injector::manual::inject_manifests(&text, config)?;
+    let (injected, skipped) = weft_inject::manual::inject_manifests(&text, config)?;
     for line in skipped {
         eprintln!("weftctl kube-inject: not injected: {line}");
     }

@@ -21,7 +21,7 @@ async fn demo_runs_and_all_traffic_behaves_as_configured() {
         rate: 100,
         config_dir: Some(dir.clone()),
         mode: weftctl::demo::Mode::Explicit,
-        weftctl: None,
+        bin_dir: None,
     })
     .await
     .expect("the demo starts and stops cleanly");
@@ -48,8 +48,7 @@ async fn demo_in_network_namespaces_with_interception() {
         rate: 100,
         config_dir: Some(dir.clone()),
         mode: weftctl::demo::Mode::Interception,
-        // This test runs in the test harness, so the pods need the real binary, which cargo builds.
-        weftctl: Some(env!("CARGO_BIN_EXE_weftctl").into()),
+        bin_dir: None,
     })
     .await
     .expect("the interception demo starts (it needs root, iproute2, iptables and setpriv) and stops cleanly");

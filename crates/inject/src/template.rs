@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Volume};
 use serde_json::{Value, json};
-use weft_proxy::iptables::CaptureConfig;
+use weft_sidecar::iptables::CaptureConfig;
 
 use crate::{InjectConfig, probes, select};
 
@@ -141,17 +141,17 @@ pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Pod {
     let mut env = env;
     if let Some(list) = env.as_array_mut() {
         if !probers.is_empty() {
-            list.push(json!({"name": weft_proxy::status::ENV_APP_PROBERS, "value": json!(probers).to_string()}));
+            list.push(json!({"name": weft_sidecar::pod::ENV_APP_PROBERS, "value": json!(probers).to_string()}));
         }
         if let Some(metrics) = app_metrics {
-            list.push(json!({"name": weft_proxy::status::ENV_PROMETHEUS_ANNOTATIONS, "value": metrics.to_string()}));
+            list.push(json!({"name": weft_sidecar::pod::ENV_PROMETHEUS_ANNOTATIONS, "value": metrics.to_string()}));
         }
     }
     let mut proxy = json!({
         "name": PROXY_CONTAINER,
         "image": config.proxy_image,
         "env": env,
-        "ports": [{"containerPort": weft_proxy::config::STATS_PORT, "name": "http-envoy-prom", "protocol": "TCP"}],
+        "ports": [{"containerPort": weft_sidecar::pod::STATS_PORT, "name": "http-envoy-prom", "protocol": "TCP"}],
         "readinessProbe": {
             "httpGet": {"path": "/healthz/ready", "port": 15021},
             "periodSeconds": 15, "timeoutSeconds": 3, "failureThreshold": 4,
@@ -241,7 +241,7 @@ fn merge_prometheus(annotations: &mut BTreeMap<String, String>) -> Option<Value>
     annotations.insert(SCRAPE.into(), "true".into());
     annotations.insert(
         SCRAPE_PORT.into(),
-        weft_proxy::status::STATUS_PORT.to_string(),
+        weft_sidecar::pod::STATUS_PORT.to_string(),
     );
     annotations.insert(SCRAPE_PATH.into(), "/stats/prometheus".into());
     (!app.is_empty()).then_some(Value::Object(app))
@@ -309,7 +309,7 @@ pub fn check_annotations(annotations: &BTreeMap<String, String>) -> Result<(), I
         }
     }
     let capture = CaptureConfig::default().with_annotations(annotations);
-    weft_proxy::iptables::rules(&capture).map_err(|e| InvalidAnnotation {
+    weft_sidecar::iptables::rules(&capture).map_err(|e| InvalidAnnotation {
         annotation: "traffic.sidecar.istio.io/*".into(),
         value: String::new(),
         reason: e.to_string(),

@@ -13,7 +13,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde_json::{Value, json};
-use weft_proxy::status::STATUS_PORT;
+use weft_sidecar::pod::STATUS_PORT;
 
 /// The pod's opt-out, Istio's annotation.
 pub const REWRITE_ANNOTATION: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
@@ -154,7 +154,7 @@ mod tests {
             "livenessProbe": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 2},
         }]));
         let probers = serde_json::to_string(&rewrite(&mut spec)).expect("json");
-        let read = weft_proxy::status::parse_app_probes(&probers).expect("the proxy reads it");
+        let read = weft_sidecar::pod::parse_app_probes(&probers).expect("the proxy reads it");
         assert_eq!(read.len(), 2);
     }
 }

@@ -256,10 +256,10 @@ fn app_probes_and_metrics_go_through_the_status_port() {
     );
     let env = env(&spec.containers[0]);
     let probers =
-        weft_proxy::status::parse_app_probes(env["ISTIO_KUBE_APP_PROBERS"].as_str().expect("text"))
+        weft_sidecar::pod::parse_app_probes(env["ISTIO_KUBE_APP_PROBERS"].as_str().expect("text"))
             .expect("the proxy reads the probes");
     assert!(probers.contains_key("/app-health/productpage/readyz"));
-    let scrape = weft_proxy::status::parse_app_metrics(
+    let scrape = weft_sidecar::pod::parse_app_metrics(
         env["ISTIO_PROMETHEUS_ANNOTATIONS"].as_str().expect("text"),
     )
     .expect("the proxy reads the app's scrape annotations");
