@@ -758,6 +758,33 @@ async fn an_update_the_proxy_cannot_apply_is_nacked_while_traffic_flows() {
         .expect("nacks page");
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("cannot bind"), "{body}");
+
+    // `weftctl proxy-status` reads weftd's /debug/syncz: the client's listeners are NACKed, in its words.
+    let source = weftctl::proxy_status::WeftdSource {
+        kube: Default::default(),
+        istio_namespace: "istio-system".into(),
+        weftd: Some(format!("http://{}", s.mesh.monitoring)),
+    };
+    let (replicas, unreachable) = source.reports().await.expect("weftd answers /debug/syncz");
+    let table = weftctl::proxy_status::render(&replicas, &unreachable, None);
+    let client_row = table
+        .lines()
+        .find(|l| l.starts_with("client-0.test "))
+        .unwrap_or_else(|| panic!("a row for the client: {table}"));
+    assert_eq!(
+        client_row.split_whitespace().take(3).collect::<Vec<_>>(),
+        ["client-0.test", "SYNCED", "NACKED"],
+        "{table}"
+    );
+    assert!(
+        table.contains("✗ client-0.test rejected its Listener: ") && table.contains("cannot bind"),
+        "{table}"
+    );
+    let server_row = table
+        .lines()
+        .find(|l| l.starts_with("backend-v1-0.test "))
+        .unwrap_or_else(|| panic!("a row for the server: {table}"));
+    assert!(server_row.contains("SYNCED   SYNCED"), "{table}");
     drop(held);
 }
 

@@ -140,6 +140,11 @@ impl Config {
         metadata.insert("NAMESPACE".into(), Value::String(namespace.clone()));
         metadata.insert("INSTANCE_IPS".into(), Value::String(ip.to_string()));
         metadata.insert("SERVICE_ACCOUNT".into(), Value::String(sa.clone()));
+        // Istio's agent reports its version here; `weftctl proxy-status` and `version` show it.
+        metadata.insert(
+            "ISTIO_VERSION".into(),
+            Value::String(env!("CARGO_PKG_VERSION").into()),
+        );
         metadata
             .entry("INTERCEPTION_MODE")
             .or_insert_with(|| Value::String("NONE".into()));

@@ -418,7 +418,6 @@ async fn start_weftd(
         .spawn()
         .with_context(|| format!("cannot start {}", bins.weftd.display()))?;
     let mut weftd = weft_netns::Process(child);
-    let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
     let ready = format!("http://{}/ready", xds.monitoring);
     let until = Instant::now() + Duration::from_secs(15);
     loop {
@@ -429,7 +428,7 @@ async fn start_weftd(
                 log_tail(&log_path)
             );
         }
-        if get(&client, &ready).await.is_ok() {
+        if crate::http_get(&ready).await.is_ok() {
             break;
         }
         if Instant::now() > until {
@@ -729,14 +728,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let mut scraped = Vec::new();
     for (pod, addr) in &running.stats {
         let url = format!("http://{addr}/stats/prometheus");
-        scraped.push((pod.clone(), get(&client, &url).await.unwrap_or_default()));
+        scraped.push((pod.clone(), crate::http_get(&url).await.unwrap_or_default()));
     }
-    let weftd_metrics = get(
-        &client,
-        &format!("http://{}/metrics", running.xds.monitoring),
-    )
-    .await
-    .unwrap_or_default();
+    let weftd_metrics = crate::http_get(&format!("http://{}/metrics", running.xds.monitoring))
+        .await
+        .unwrap_or_default();
     let ok = report(
         &tallies,
         &running,
@@ -794,29 +790,6 @@ async fn plaintext_refused(addr: SocketAddr) -> Result<String, String> {
         Ok(Err(e)) => Ok(format!("connection refused by the sidecar ({e})")),
         Err(_) => Ok("no answer".into()),
     }
-}
-
-/// The body of a 2xx answer to a GET, or why there was none.
-async fn get(client: &DemoClient, url: &str) -> Result<String, String> {
-    let req = Request::builder()
-        .uri(url)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .map_err(|_| format!("{url}: timed out"))?
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!("{url}: {status}"));
-    }
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// NACKs weftd counted, summed over resource types, from its Prometheus text.

@@ -178,7 +178,7 @@ impl Cluster {
 }
 
 /// The API server's own words for a refusal, without the client's wrapping.
-fn api_message(e: &kube::Error) -> String {
+pub(crate) fn api_message(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(status) => format!("{} ({})", status.message, status.reason),
         other => other.to_string(),

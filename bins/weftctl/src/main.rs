@@ -56,6 +56,25 @@ enum Command {
     /// The manifests of an install.
     #[command(subcommand)]
     Manifest(ManifestCommand),
+    /// Each proxy's sync with weftd, per xDS type (SYNCED, STALE, NACKED, NOT SENT), as istioctl
+    /// proxy-status; a rejection is printed in the proxy's own words.
+    #[command(alias = "ps")]
+    ProxyStatus {
+        /// Only this proxy: `POD.NAMESPACE` or `POD`.
+        proxy: Option<String>,
+        #[command(flatten)]
+        source: weftctl::proxy_status::WeftdSource,
+    },
+    /// weftctl's version, each weftd replica's, and the connected proxies' by count.
+    Version {
+        /// Only weftctl's own version; the cluster is not asked.
+        #[arg(long)]
+        client: bool,
+        #[command(flatten)]
+        source: weftctl::proxy_status::WeftdSource,
+    },
+    /// Print a completion script: `weftctl completion bash > /etc/bash_completion.d/weftctl`.
+    Completion { shell: clap_complete::Shell },
     /// The demo's sample application, one workload per process (used by `cargo xtask bench`).
     #[command(hide = true, subcommand)]
     SampleApp(SampleApp),
@@ -155,6 +174,46 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::ProxyStatus { proxy, source } => match runtime.block_on(source.reports()) {
+            Ok((replicas, unreachable)) => {
+                print!(
+                    "{}",
+                    weftctl::proxy_status::render(&replicas, &unreachable, proxy.as_deref())
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("✗ weftctl proxy-status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Version { client, source } => {
+            if client {
+                println!("client version: {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            match runtime.block_on(source.reports()) {
+                Ok((replicas, _)) => {
+                    print!("{}", weftctl::proxy_status::render_version(&replicas));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("client version: {}", env!("CARGO_PKG_VERSION"));
+                    eprintln!("✗ control plane: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "weftctl",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
         }
         Command::Install(args) => match runtime.block_on(weftctl::install::install(&args)) {
             Ok(()) => ExitCode::SUCCESS,

@@ -563,6 +563,15 @@ async fn serve_metrics(
                                 .to_string(),
                         )
                     }
+                } else if req.uri().path() == "/debug/syncz" {
+                    let report = weft_xds::syncz::SyncReport {
+                        control_plane_version: env!("CARGO_PKG_VERSION").into(),
+                        proxies: xds.sync_status(),
+                    };
+                    match serde_json::to_string_pretty(&report) {
+                        Ok(json) => (200, json),
+                        Err(e) => (500, format!("cannot encode the sync status: {e}")),
+                    }
                 } else if req.uri().path() == "/debug/nacks" {
                     match serde_json::to_string_pretty(&xds.recent_nacks()) {
                         Ok(json) => (200, json),

@@ -1,7 +1,7 @@
 //! weft-xds: the wire APIs between weftd and its proxies.
 //!
 //! [`pb`] re-exports the generated Envoy protobuf types; [`server`] is the aggregated discovery service
-//! (state of the world and delta) that weftd serves; [`client`] is the ADS client weft-proxy runs;
+//! (state of the world and delta) that weftd serves, and [`syncz`] what it knows of each proxy's sync; [`client`] is the ADS client weft-proxy runs;
 //! [`istio_ca`] is Istio's CA service, generated from its proto; [`tls`] carries gRPC over mTLS. This
 //! crate knows the protocols and nothing of Istio's config model.
 
@@ -11,6 +11,7 @@ mod node;
 pub mod server;
 mod snapshot;
 pub mod structs;
+pub mod syncz;
 pub mod tls;
 
 /// Istio's `istio.v1.auth.IstioCertificateService`, wire-compatible with istiod's.

@@ -22,6 +22,7 @@ pub struct XdsMetrics {
     pub(crate) nacks: Family<TypeLabels, Counter>,
     pub(crate) connected: Gauge,
     recent_nacks: Arc<Mutex<VecDeque<Nack>>>,
+    pub(crate) sync: crate::syncz::SyncTable,
 }
 
 /// One rejected response: which proxy, which type, and the proxy's own words for why.
@@ -86,6 +87,11 @@ impl XdsMetrics {
             .lock()
             .map(|r| r.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Each open stream's sync state, for `/debug/syncz`.
+    pub fn sync_status(&self) -> Vec<crate::syncz::ProxySync> {
+        self.sync.snapshot()
     }
 
     /// NACKs seen so far for one resource type (`Cluster`, `Listener`, ...); tests wait on it.

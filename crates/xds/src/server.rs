@@ -134,19 +134,26 @@ impl AggregatedDiscoveryService for AdsServer {
     }
 }
 
-/// Present for the life of one proxy's stream, so `connected_proxies` is right however the stream ends.
-struct Connected(XdsMetrics);
+/// Present for the life of one proxy's stream, so `connected_proxies` and `/debug/syncz` are right
+/// however the stream ends.
+struct Connected {
+    metrics: XdsMetrics,
+    sync: crate::syncz::StreamSync,
+}
 
 impl Connected {
-    fn new(metrics: XdsMetrics) -> Self {
+    fn new(metrics: XdsMetrics, variant: &str) -> Self {
         metrics.connected.inc();
-        Self(metrics)
+        Self {
+            sync: metrics.sync.open(variant),
+            metrics,
+        }
     }
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
-        self.0.connected.dec();
+        self.metrics.connected.dec();
     }
 }
 
@@ -291,14 +298,15 @@ const MAX_NODE_ID: usize = 1024;
 const MAX_ERROR_DETAIL: usize = 4096;
 
 /// A NACK, logged and kept for `/debug/nacks`, with what the proxy wrote cut to [`MAX_ERROR_DETAIL`].
-fn record_nack(metrics: &XdsMetrics, node: String, type_url: &str, nonce: &str, message: &str) {
+fn record_nack(connected: &Connected, node: String, type_url: &str, nonce: &str, message: &str) {
     let mut detail: String = message.chars().take(MAX_ERROR_DETAIL).collect();
     if detail.len() < message.len() {
         detail.push_str(" [cut]");
     }
+    connected.sync.nacked(type_url, nonce, &detail);
     let nonce: String = nonce.chars().take(64).collect();
     warn!(node = %node, type_url = %type_url, rejected_nonce = %nonce, error_detail = %detail, "proxy rejected config (NACK)");
-    metrics.record_nack(Nack {
+    connected.metrics.record_nack(Nack {
         node,
         type_url: type_url.to_string(),
         error_detail: detail,
@@ -344,7 +352,7 @@ struct SotwState {
     nonce: u64,
     pending: VecDeque<DiscoveryResponse>,
     metrics: XdsMetrics,
-    _connected: Connected,
+    connected: Connected,
 }
 
 impl SotwState {
@@ -356,7 +364,7 @@ impl SotwState {
             types: BTreeMap::new(),
             nonce: 0,
             pending: VecDeque::new(),
-            _connected: Connected::new(metrics.clone()),
+            connected: Connected::new(metrics.clone(), "sotw"),
             metrics,
         }
     }
@@ -387,6 +395,9 @@ impl SotwState {
             .get_or_create(&XdsMetrics::labels(type_url))
             .inc();
         debug!(node = %self.node.as_ref().map_or("", |n| n.id.as_str()), type_url, %version, count = wanted.len(), "push");
+        self.connected
+            .sync
+            .sent(type_url, &state.last_nonce, &version, wanted.len());
         self.pending.push_back(DiscoveryResponse {
             version_info: version,
             resources: wanted.iter().map(|(_, v)| v.resource.clone()).collect(),
@@ -412,6 +423,7 @@ impl Protocol for SotwState {
                 "state of the world",
                 self.caller.as_ref(),
             )?;
+            self.connected.sync.identify(&node, self.caller.as_ref());
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
         }
@@ -427,7 +439,7 @@ impl Protocol for SotwState {
         }
         if let Some(error) = &req.error_detail {
             record_nack(
-                &self.metrics,
+                &self.connected,
                 node_id,
                 &req.type_url,
                 &req.response_nonce,
@@ -435,8 +447,13 @@ impl Protocol for SotwState {
             );
             return Ok(());
         }
-        if !req.response_nonce.is_empty() {
+        if req.response_nonce.is_empty() {
+            self.connected.sync.subscribed(&req.type_url);
+        } else {
             self.metrics.acks.get_or_create(&labels).inc();
+            self.connected
+                .sync
+                .acked(&req.type_url, &req.response_nonce);
         }
         if req.resource_names.len() > MAX_NAMES_PER_TYPE {
             return Err(too_many_names(&req.type_url));
@@ -493,7 +510,7 @@ struct DeltaState {
     nonce: u64,
     pending: VecDeque<DeltaDiscoveryResponse>,
     metrics: XdsMetrics,
-    _connected: Connected,
+    connected: Connected,
 }
 
 impl DeltaState {
@@ -505,7 +522,7 @@ impl DeltaState {
             types: BTreeMap::new(),
             nonce: 0,
             pending: VecDeque::new(),
-            _connected: Connected::new(metrics.clone()),
+            connected: Connected::new(metrics.clone(), "delta"),
             metrics,
         }
     }
@@ -550,11 +567,15 @@ impl DeltaState {
             .pushes
             .get_or_create(&XdsMetrics::labels(type_url))
             .inc();
+        let nonce = self.nonce.to_string();
+        self.connected
+            .sync
+            .sent(type_url, &nonce, &nonce, resources.len() + removed.len());
         self.pending.push_back(DeltaDiscoveryResponse {
             resources,
             removed_resources: removed,
             type_url: type_url.to_string(),
-            nonce: self.nonce.to_string(),
+            nonce,
             ..Default::default()
         });
     }
@@ -571,6 +592,7 @@ impl Protocol for DeltaState {
     ) -> Result<(), Status> {
         if self.node.is_none() {
             let node = first_node(req.node.as_ref(), "delta", self.caller.as_ref())?;
+            self.connected.sync.identify(&node, self.caller.as_ref());
             self.snapshot = generator.generate(&node);
             self.node = Some(node);
         }
@@ -581,14 +603,19 @@ impl Protocol for DeltaState {
         let node_id = self.node.as_ref().map_or("", |n| n.id.as_str()).to_string();
         if let Some(error) = &req.error_detail {
             record_nack(
-                &self.metrics,
+                &self.connected,
                 node_id,
                 &req.type_url,
                 &req.response_nonce,
                 &error.message,
             );
-        } else if !req.response_nonce.is_empty() {
+        } else if req.response_nonce.is_empty() {
+            self.connected.sync.subscribed(&req.type_url);
+        } else {
             self.metrics.acks.get_or_create(&labels).inc();
+            self.connected
+                .sync
+                .acked(&req.type_url, &req.response_nonce);
         }
         let first = !self.types.contains_key(&req.type_url);
         let state = self.types.entry(req.type_url.clone()).or_default();

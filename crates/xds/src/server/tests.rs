@@ -342,3 +342,91 @@ fn what_a_client_writes_is_kept_only_in_part() {
         .expect_err("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+#[test]
+fn syncz_follows_each_type_through_sent_acked_nacked_and_closed() {
+    use crate::syncz::SyncState;
+    let metrics = XdsMetrics::default();
+    let state = |m: &XdsMetrics, t: &str| {
+        m.sync_status()[0]
+            .types
+            .get(t)
+            .map(|s| (s.state(), s.nack.clone()))
+    };
+    let mut s = SotwState::new(metrics.clone(), None);
+    assert_eq!(metrics.sync_status().len(), 1, "listed while it connects");
+    let g1 = snapshot(&[("a", 1)]);
+    s.on_request(req(type_url::CLUSTER, &[], "", ""), &g1)
+        .expect("ok");
+    let first = s.pending.pop_front().expect("initial response");
+    let status = &metrics.sync_status()[0];
+    assert_eq!(
+        status.node,
+        "sidecar~127.0.0.2~a.demo~demo.svc.cluster.local"
+    );
+    assert_eq!(status.variant, "sotw");
+    assert_eq!(status.types["Cluster"].resources, 1);
+    assert_eq!(state(&metrics, "Cluster"), Some((SyncState::Stale, None)));
+
+    s.on_request(
+        req(type_url::CLUSTER, &[], &first.version_info, &first.nonce),
+        &g1,
+    )
+    .expect("ok");
+    assert_eq!(state(&metrics, "Cluster"), Some((SyncState::Synced, None)));
+
+    // Endpoints subscribed by name, none of which exist yet: nothing sent is still a response.
+    s.on_request(req(type_url::ENDPOINT, &["missing"], "", ""), &g1)
+        .expect("ok");
+    s.pending.pop_front().expect("an empty endpoints response");
+    assert_eq!(
+        state(&metrics, "ClusterLoadAssignment"),
+        Some((SyncState::Stale, None))
+    );
+
+    s.on_config(&snapshot(&[("a", 2)]));
+    let second = s.pending.pop_front().expect("push after change");
+    let mut nack = req(type_url::CLUSTER, &[], &first.version_info, &second.nonce);
+    nack.error_detail = Some(rpc::Status {
+        code: 3,
+        message: "cluster a: bad".into(),
+        details: vec![],
+    });
+    s.on_request(nack, &g1).expect("ok");
+    assert_eq!(
+        state(&metrics, "Cluster"),
+        Some((SyncState::Nacked, Some("cluster a: bad".into())))
+    );
+
+    // The next change supersedes the rejected response, and its ACK clears the NACK.
+    s.on_config(&snapshot(&[("a", 3)]));
+    let third = s.pending.pop_front().expect("push after change");
+    assert_eq!(state(&metrics, "Cluster"), Some((SyncState::Stale, None)));
+    s.on_request(
+        req(type_url::CLUSTER, &[], &third.version_info, &third.nonce),
+        &g1,
+    )
+    .expect("ok");
+    assert_eq!(state(&metrics, "Cluster"), Some((SyncState::Synced, None)));
+
+    drop(s);
+    assert!(metrics.sync_status().is_empty(), "a closed stream is gone");
+}
+
+#[test]
+fn syncz_tracks_delta_streams_by_their_nonces() {
+    use crate::syncz::SyncState;
+    let metrics = XdsMetrics::default();
+    let mut s = DeltaState::new(metrics.clone(), None);
+    let g = snapshot(&[("a", 1)]);
+    s.on_request(delta_req(type_url::CLUSTER, &[], &[]), &g)
+        .expect("ok");
+    let first = s.pending.pop_front().expect("initial");
+    let cluster = |m: &XdsMetrics| m.sync_status()[0].types["Cluster"].state();
+    assert_eq!(cluster(&metrics), SyncState::Stale);
+    let mut ack = delta_req(type_url::CLUSTER, &[], &[]);
+    ack.response_nonce = first.nonce.clone();
+    s.on_request(ack, &g).expect("ok");
+    assert_eq!(cluster(&metrics), SyncState::Synced);
+    assert_eq!(metrics.sync_status()[0].variant, "delta");
+}
