@@ -1011,3 +1011,123 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
         "the CRDs stay without --purge"
     );
 }
+
+/// A non-loopback address of this machine: the API server refuses to proxy to loopback pod IPs.
+fn host_address() -> std::net::IpAddr {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("ip runs");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+        .expect("this machine has a global IPv4 address")
+}
+
+/// `weftctl proxy-status` and `version` find weftd's pods by label and read `/debug/syncz` through the
+/// API server's pod proxy, so nothing but the API server needs to be reachable. The "pod" is a Pod
+/// object whose IP is this machine's, where a real weftd serves. `proxy-config` needs a port-forward,
+/// which goes through a kubelet; without one it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn weftctl_reads_weftd_through_the_api_servers_pod_proxy() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams, PostParams};
+    let cluster = Cluster::connect().await;
+    let namespace = cluster.namespace("weft-ops").await;
+    let host = host_address();
+    let dir = std::env::temp_dir().join(format!("weft-ops-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let weftd = weftd::app::build(weftd::app::Config {
+        source: weftd::app::Source::Dir {
+            config_dir: dir.clone(),
+            poll_interval: Duration::from_millis(50),
+        },
+        xds_address: None,
+        secure_address: "127.0.0.1:0".parse().expect("addr"),
+        monitoring_address: SocketAddr::new(host, 0),
+        mesh: Default::default(),
+        ca_dir: None,
+        identity_dir: None,
+        lifetimes: Default::default(),
+    })
+    .await
+    .expect("weftd builds");
+    let port = weftd.monitoring_address().port();
+    let (trigger, watcher) = weft_drain::new();
+    let task = tokio::spawn(weftd.run(watcher));
+
+    let pods: kube::Api<Pod> = kube::Api::namespaced(cluster.admin.clone(), &namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "weftd-0", "labels": {"app": "weftd", "istio": "pilot"}},
+        "spec": {"containers": [{"name": "discovery", "image": "weft/weftd:test",
+            "ports": [{"name": "http-monitoring", "containerPort": port}]}]}
+    }))
+    .expect("a pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create the pod");
+    pods.patch_status(
+        "weftd-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": host.to_string(), "podIPs": [{"ip": host.to_string()}]}})),
+    )
+    .await
+    .expect("the pod runs, as a kubelet would report");
+
+    let kube = weftctl::install::KubeArgs {
+        kubeconfig: Some(cluster.kubeconfig.clone()),
+        context: None,
+    };
+    let source = weftctl::proxy_status::WeftdSource {
+        kube: kube.clone(),
+        istio_namespace: namespace.clone(),
+        weftd: None,
+    };
+    let (replicas, unreachable) = source
+        .reports()
+        .await
+        .expect("weftd answers through the API server");
+    assert!(unreachable.is_empty(), "{unreachable:?}");
+    let version = weftctl::proxy_status::render_version(&replicas);
+    assert!(
+        version.contains(&format!(
+            "control plane version: {} (weftd-0)",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{version}"
+    );
+    let table = weftctl::proxy_status::render(&replicas, &unreachable, None);
+    assert!(table.contains("(no proxy is connected)"), "{table}");
+
+    let elsewhere = weftctl::proxy_status::WeftdSource {
+        istio_namespace: cluster.namespace("empty").await,
+        ..source
+    };
+    let err = elsewhere.reports().await.expect_err("no weftd there");
+    assert!(
+        format!("{err:#}").contains("no weftd pod in namespace"),
+        "{err:#}"
+    );
+
+    let err = weftctl::proxy_config::fetch(&weftctl::proxy_config::ProxyConfigArgs {
+        section: weftctl::proxy_config::Section::Cluster,
+        pod: Some(format!("weftd-0.{namespace}")),
+        namespace: "default".into(),
+        output: weftctl::proxy_config::Output::Short,
+        admin: None,
+        kube,
+    })
+    .await
+    .expect_err("no kubelet serves port-forwards here");
+    assert!(
+        format!("{err:#}").contains("cannot port-forward to"),
+        "{err:#}"
+    );
+
+    trigger.drain().await;
+    task.await.expect("joined").expect("weftd drains cleanly");
+    let _ = std::fs::remove_dir_all(&dir);
+}

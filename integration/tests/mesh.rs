@@ -806,6 +806,46 @@ async fn admin_metrics_and_access_logs_describe_the_traffic() {
         .expect("listeners");
     assert_eq!(listeners[0]["name"], format!("{}_9080", s.client.ip));
 
+    // `weftctl proxy-config` reads the same dump and prints Istio's view of it.
+    let args = |section| weftctl::proxy_config::ProxyConfigArgs {
+        section,
+        pod: None,
+        namespace: "test".into(),
+        output: weftctl::proxy_config::Output::Short,
+        admin: Some(format!("http://{}", s.client.admin)),
+        kube: Default::default(),
+    };
+    use weftctl::proxy_config::{Output, Section, fetch, render};
+    let dump = fetch(&args(Section::All))
+        .await
+        .expect("weftctl reads the dump");
+    let clusters = render(&dump, Section::Cluster, Output::Short).expect("cluster table");
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == [
+                    "backend.test.svc.cluster.local",
+                    "9080",
+                    "-",
+                    "outbound",
+                    "LeastRequest",
+                    "1/1",
+                    "healthy"
+                ]),
+        "{clusters}"
+    );
+    let endpoints = render(&dump, Section::Endpoint, Output::Short).expect("endpoint table");
+    assert!(
+        endpoints.contains(&format!("{}:9080", s.servers[0].ip)) && endpoints.contains("HEALTHY"),
+        "{endpoints}"
+    );
+    let listeners = render(&dump, Section::Listener, Output::Short).expect("listener table");
+    assert!(listeners.contains("Route: 9080"), "{listeners}");
+    let json = render(&dump, Section::Route, Output::Json).expect("route json");
+    let routes: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(routes[0]["name"], "9080", "{json}");
+
     let (_, clusters) = get_text(s.client.admin, "/clusters")
         .await
         .expect("clusters");

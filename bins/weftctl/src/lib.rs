@@ -5,6 +5,7 @@
 pub mod demo;
 pub mod install;
 pub mod manifest;
+pub mod proxy_config;
 pub mod proxy_status;
 pub mod sample_app;
 

@@ -65,6 +65,10 @@ enum Command {
         #[command(flatten)]
         source: weftctl::proxy_status::WeftdSource,
     },
+    /// One proxy's applied config (cluster, listener, route, endpoint, secret or all), from its admin
+    /// through a port-forward, as istioctl proxy-config.
+    #[command(alias = "pc")]
+    ProxyConfig(weftctl::proxy_config::ProxyConfigArgs),
     /// weftctl's version, each weftd replica's, and the connected proxies' by count.
     Version {
         /// Only weftctl's own version; the cluster is not asked.
@@ -188,6 +192,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::ProxyConfig(args) => {
+            let printed = runtime
+                .block_on(weftctl::proxy_config::fetch(&args))
+                .and_then(|dump| weftctl::proxy_config::render(&dump, args.section, args.output));
+            match printed {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("✗ weftctl proxy-config: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Version { client, source } => {
             if client {
                 println!("client version: {}", env!("CARGO_PKG_VERSION"));

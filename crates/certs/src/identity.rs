@@ -148,3 +148,58 @@ impl Identity {
         })
     }
 }
+
+/// What an operator reads off a certificate: who it is for, its serial, and when it is valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateInfo {
+    pub subject: String,
+    /// The SPIFFE id in its URI SAN, when it has one.
+    pub spiffe_id: Option<SpiffeId>,
+    pub serial: String,
+    pub is_ca: bool,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// Each certificate of a PEM bundle, in order.
+pub fn certificate_info(pem: &str) -> Result<Vec<CertificateInfo>, IdentityError> {
+    let mut out = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| IdentityError::Chain(format!("not PEM: {e}")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| IdentityError::Chain(e.to_string()))?;
+        out.push(CertificateInfo {
+            subject: parsed.subject().to_string(),
+            spiffe_id: crate::peer_spiffe_id(&cert),
+            serial: parsed.raw_serial_as_string(),
+            is_ca: parsed.is_ca(),
+            not_before: unix(parsed.validity().not_before.timestamp()),
+            not_after: unix(parsed.validity().not_after.timestamp()),
+        });
+    }
+    if out.is_empty() {
+        return Err(IdentityError::Chain("no certificate in the PEM".into()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_info_reads_each_certificate_of_a_bundle() {
+        let now = SystemTime::now();
+        let ca = crate::Ca::self_signed("cluster.local", now, crate::DEFAULT_ROOT_TTL).expect("ca");
+        let bundle = format!("{}{}", ca.root_pem(), ca.root_pem());
+        let info = certificate_info(&bundle).expect("two certificates");
+        assert_eq!(info.len(), 2);
+        assert!(info[0].is_ca, "{info:?}");
+        assert!(
+            info[0].not_before <= now && info[0].not_after > now,
+            "{info:?}"
+        );
+        assert!(!info[0].serial.is_empty());
+        assert!(certificate_info("not a certificate").is_err());
+    }
+}

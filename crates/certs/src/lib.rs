@@ -19,7 +19,7 @@ mod verify;
 use std::time::Duration;
 
 pub use ca::{Ca, CaError, CaPem};
-pub use identity::{Identity, IdentityError, WorkloadKey};
+pub use identity::{CertificateInfo, Identity, IdentityError, WorkloadKey, certificate_info};
 pub use spiffe::{SpiffeId, SpiffeIdError, peer_spiffe_id};
 pub use stream::{
     ClientStream, Peer, ServerStream, accept, check_server_name, connect, is_unverified_peer,
