@@ -11,7 +11,7 @@ use weft_policy::{Action, Condition, Operation, Policy, Rule, Source};
 use crate::{Model, translate::Proxy};
 
 /// Istio's root namespace: a policy here applies across the mesh.
-pub const ROOT_NAMESPACE: &str = "istio-system";
+pub use weft_api::peer_auth::ROOT_NAMESPACE;
 
 /// A policy applies to a workload when it sits in the root namespace or the workload's namespace, and
 /// its selector (if any) matches the workload's labels.

@@ -1,68 +1,19 @@
-//! PeerAuthentication: which inbound traffic a workload takes in plaintext, with Istio's precedence.
-//! A workload-selector policy in the workload's namespace wins over the namespace's policy, which wins
-//! over the mesh-wide one in the root namespace; `UNSET` inherits from the next level, and with nothing
-//! set the mode is `PERMISSIVE`. `portLevelMtls` (selector policies only) overrides per port.
+//! PeerAuthentication for a proxy: Istio's precedence (weft-api's) applied to the proxy's namespace
+//! and labels.
 
-use weft_api::{
-    Object,
-    istio::{self, PeerAuthenticationSpec},
-};
+pub use weft_api::peer_auth::MtlsMode;
 
-use crate::{Model, authz::ROOT_NAMESPACE, translate::Proxy};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MtlsMode {
-    /// Plaintext only: a client's mTLS goes through as opaque bytes.
-    Disable,
-    /// Both mTLS (told apart by Istio's ALPN) and plaintext.
-    Permissive,
-    /// mTLS only; anything else is refused.
-    Strict,
-}
-
-/// The mode a policy sets; `None` (no mode, or `UNSET`) inherits.
-fn parse(mode: Option<istio::MtlsMode>) -> Option<MtlsMode> {
-    match mode? {
-        istio::MtlsMode::Disable => Some(MtlsMode::Disable),
-        istio::MtlsMode::Permissive => Some(MtlsMode::Permissive),
-        istio::MtlsMode::Strict => Some(MtlsMode::Strict),
-        istio::MtlsMode::Unset => None,
-    }
-}
-
-fn own_mode(p: &Object<PeerAuthenticationSpec>) -> Option<MtlsMode> {
-    parse(p.spec.mtls.as_ref().and_then(|m| m.mode))
-}
+use crate::{Model, translate::Proxy};
 
 /// The mode for traffic to `port` (the workload's own port, after target-port mapping).
 pub fn mode_for(model: &Model, proxy: &Proxy, port: u16) -> MtlsMode {
-    let policies = &model.peer_authentications;
-    let mesh = policies
-        .iter()
-        .find(|p| p.metadata.namespace() == ROOT_NAMESPACE && p.spec.selector.is_none())
-        .and_then(own_mode);
-    let namespace = policies
-        .iter()
-        .find(|p| p.metadata.namespace() == proxy.namespace && p.spec.selector.is_none())
-        .and_then(own_mode);
-    let workload = policies.iter().find(|p| {
-        p.metadata.namespace() == proxy.namespace
-            && p.spec
-                .selector
-                .as_ref()
-                .is_some_and(|s| s.labels.iter().all(|(k, v)| proxy.labels.get(k) == Some(v)))
-    });
-    let inherited = namespace.or(mesh).unwrap_or(MtlsMode::Permissive);
-    let Some(workload) = workload else {
-        return inherited;
-    };
-    let workload_mode = own_mode(workload).unwrap_or(inherited);
-    workload
-        .spec
-        .port_level_mtls
-        .get(&port)
-        .and_then(|m| parse(m.mode))
-        .unwrap_or(workload_mode)
+    weft_api::peer_auth::mode_for(
+        &model.peer_authentications,
+        &proxy.namespace,
+        &proxy.labels,
+        Some(port),
+    )
+    .mode
 }
 
 #[cfg(test)]

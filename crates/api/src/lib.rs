@@ -10,6 +10,8 @@ pub mod k8s;
 pub mod kinds;
 mod load;
 pub mod names;
+pub mod peer_auth;
+pub mod protocol;
 pub mod values;
 
 use std::collections::BTreeMap;
