@@ -1131,3 +1131,53 @@ async fn weftctl_reads_weftd_through_the_api_servers_pod_proxy() {
     task.await.expect("joined").expect("weftd drains cleanly");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `weftctl analyze` on the cluster: what the API server holds, read as weftd reads it, reported for
+/// one namespace (mesh-wide policies included) with Istio's codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn weftctl_analyze_reads_the_cluster() {
+    let cluster = Cluster::connect().await;
+    let namespace = cluster.namespace("weft-analyze").await;
+    cluster
+        .apply(
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: {namespace}}}\nspec: {{selector: {{app: reviews}}, ports: [{{name: web, port: 9080}}]}}\n---\n\
+                 apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: {namespace}}}\n\
+                 spec: {{hosts: [reviews], http: [{{route: [{{destination: {{host: reviews, subset: v2}}}}]}}]}}\n"
+            ),
+            &namespace,
+        )
+        .await;
+    let report = weftctl::analyze::run(&weftctl::analyze::AnalyzeArgs {
+        files: vec![],
+        all_namespaces: false,
+        namespace: namespace.clone(),
+        kube: weftctl::install::KubeArgs {
+            kubeconfig: Some(cluster.kubeconfig.clone()),
+            context: None,
+        },
+    })
+    .await
+    .expect("the cluster can be analyzed");
+    let text = report.render();
+    assert!(report.failed(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "Error [IST0101] (VirtualService {namespace}/reviews) Referenced host+subset in destinationrule not found: \"reviews.{namespace}.svc.cluster.local+v2\""
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Info [IST0118] (Service {namespace}/reviews) Port name web"
+        )),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("(Service default/kubernetes)")),
+        "other namespaces are left out: {text}"
+    );
+}

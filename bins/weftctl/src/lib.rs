@@ -2,6 +2,7 @@
 //! workload on its own 127.0.0.x address, and our sample application; it drives traffic through a
 //! routing rule and reports whether the traffic did what the rule says.
 
+pub mod analyze;
 pub mod demo;
 pub mod install;
 pub mod manifest;

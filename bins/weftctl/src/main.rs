@@ -56,6 +56,9 @@ enum Command {
     /// The manifests of an install.
     #[command(subcommand)]
     Manifest(ManifestCommand),
+    /// Find what weftd would refuse and what would not do what it says, in manifest files (`-f`) or
+    /// in the cluster, with Istio's message codes; exits 79 when an error is found, as istioctl.
+    Analyze(weftctl::analyze::AnalyzeArgs),
     /// Each proxy's sync with weftd, per xDS type (SYNCED, STALE, NACKED, NOT SENT), as istioctl
     /// proxy-status; a rejection is printed in the proxy's own words.
     #[command(alias = "ps")]
@@ -189,6 +192,20 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("✗ weftctl proxy-status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Analyze(args) => match runtime.block_on(weftctl::analyze::run(&args)) {
+            Ok(report) => {
+                print!("{}", report.render());
+                if report.failed() {
+                    ExitCode::from(79)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("✗ weftctl analyze: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -5,6 +5,7 @@
 //! Weft does not act on (`deny_unknown_fields`): a resource that asks for behaviour Weft cannot give is
 //! reported and skipped rather than half-applied.
 
+pub mod analyze;
 pub mod istio;
 pub mod k8s;
 pub mod kinds;
@@ -19,8 +20,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use load::{
-    LoadError, MAX_FILE_BYTES, ManifestFile, Rejected, Resources, list_manifests, load_dir,
-    parse_duration, parse_manifests, parse_object,
+    LoadError, MAX_FILE_BYTES, ManifestFile, Rejected, Resources, is_mesh_kind, list_manifests,
+    load_dir, parse_duration, parse_manifests, parse_object, read_documents,
 };
 
 /// The namespace a resource lands in when its manifest names none, as `kubectl apply` does.

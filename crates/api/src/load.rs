@@ -250,6 +250,32 @@ fn yaml_options() -> serde_saphyr::Options {
     options
 }
 
+/// Every document of a YAML stream, each read under the loader's budgets; empty documents are left
+/// out. For readers that look at objects the loader does not keep (`weftctl analyze` reads pod
+/// templates and Namespaces).
+pub fn read_documents(text: &str) -> Result<Vec<Value>, String> {
+    let mut reader = text.as_bytes();
+    let mut docs = Vec::new();
+    for doc in serde_saphyr::read_with_options::<_, Value>(&mut reader, yaml_options()) {
+        let doc = doc.map_err(|e| format!("invalid YAML: {e}"))?;
+        if !doc.is_null() {
+            docs.push(doc);
+        }
+    }
+    Ok(docs)
+}
+
+/// Whether [`parse_object`] reads this kind (or refuses it with a reason, as an Istio kind Weft does
+/// not act on): every other kind is no concern of the mesh's.
+pub fn is_mesh_kind(group: &str, kind: &str) -> bool {
+    matches!(
+        (group, kind),
+        ("", "Service" | "Pod" | "Namespace") | ("discovery.k8s.io", "EndpointSlice")
+    ) || crate::kinds::ISTIO_KINDS
+        .iter()
+        .any(|k| k.group == group && k.kind == kind)
+}
+
 /// Parses the documents of one file into `resources`. `file` only labels rejections.
 pub fn parse_manifests(
     file: &str,
