@@ -2,10 +2,7 @@
 //! holds. Files are read as weftd reads them, plus what only an analysis needs: Namespaces' labels and
 //! the pod templates of workloads (Deployments and the like), which stand for the pods they will make.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kube::{
