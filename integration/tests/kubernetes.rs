@@ -899,6 +899,17 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
         dry_run: false,
         wait_timeout: Duration::from_secs(3),
     };
+    let check = |pre| weftctl::check::CheckArgs {
+        pre,
+        namespace: namespace.clone(),
+        kube: target.kube.clone(),
+    };
+    let before = weftctl::check::run(&check(true)).await;
+    assert!(
+        weftctl::check::passed(&before),
+        "check --pre passes on a cluster an admin reaches:\n{}",
+        weftctl::check::render(&before)
+    );
     for attempt in ["first", "again"] {
         let err = weftctl::install::install(&args)
             .await
@@ -956,6 +967,22 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
             .await
             .is_some()
     );
+
+    // check names what is wrong and why: the control plane's pod is not scheduled, so the injector
+    // never wrote its caBundle and the API server has no one to call.
+    let after = weftctl::check::run(&check(false)).await;
+    let report = weftctl::check::render(&after);
+    assert!(!weftctl::check::passed(&after), "{report}");
+    for expected in [
+        "✓ all 14 Istio CRDs are installed, established, and serve their versions",
+        &format!("✗ Deployment {namespace}/weftd-{revision} is not available"),
+        "not scheduled",
+        &format!("✗ istio-sidecar-injector-{revision} has no caBundle yet"),
+        &format!("✗ no root certificate in ConfigMap {namespace}/istio-ca-root-cert"),
+        "✗ no weftd is running to ask about proxies",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
 
     weftctl::install::uninstall(&UninstallArgs {
         target,

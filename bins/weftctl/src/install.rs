@@ -342,7 +342,7 @@ async fn wait_available(
 }
 
 /// Why a Deployment is not available, from its pods' status and the events about them.
-async fn explain(client: &Client, ns: &str, deployment: Option<&Deployment>) -> String {
+pub(crate) async fn explain(client: &Client, ns: &str, deployment: Option<&Deployment>) -> String {
     let Some(d) = deployment else {
         return "  it does not exist".into();
     };

@@ -3,6 +3,7 @@
 //! routing rule and reports whether the traffic did what the rule says.
 
 pub mod analyze;
+pub mod check;
 pub mod demo;
 pub mod install;
 pub mod manifest;

@@ -56,6 +56,9 @@ enum Command {
     /// The manifests of an install.
     #[command(subcommand)]
     Manifest(ManifestCommand),
+    /// Staged checks with a ✓/✗ line each and how to fix what fails: `--pre` before an install, else
+    /// the installed mesh (CRDs, control plane, injector, root certificate, proxies).
+    Check(weftctl::check::CheckArgs),
     /// Find what weftd would refuse and what would not do what it says, in manifest files (`-f`) or
     /// in the cluster, with Istio's message codes; exits 79 when an error is found, as istioctl.
     Analyze(weftctl::analyze::AnalyzeArgs),
@@ -121,7 +124,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let Args { command } = Args::parse();
     // The demo prints its own progress; logs show only problems unless RUST_LOG asks for more.
-    weft_telemetry::init_tracing_with_default("warn");
+    // kube-client logs every error response it gets; weftctl reports each one itself, with what it was doing.
+    weft_telemetry::init_tracing_with_default("warn,kube_client=off");
     if let Err(e) = weft_drain::raise_fd_limit() {
         tracing::warn!(error = %e, "cannot raise the open file limit");
     }
@@ -195,6 +199,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Check(args) => {
+            let stages = runtime.block_on(weftctl::check::run(&args));
+            print!("{}", weftctl::check::render(&stages));
+            if weftctl::check::passed(&stages) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Analyze(args) => match runtime.block_on(weftctl::analyze::run(&args)) {
             Ok(report) => {
                 print!("{}", report.render());
