@@ -1089,7 +1089,7 @@ async fn weftctl_reads_weftd_through_the_api_servers_pod_proxy() {
     let pods: kube::Api<Pod> = kube::Api::namespaced(cluster.admin.clone(), &namespace);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "weftd-0", "labels": {"app": "weftd", "istio": "pilot"}},
-        "spec": {"containers": [{"name": "discovery", "image": "weft/weftd:test",
+        "spec": {"automountServiceAccountToken": false, "containers": [{"name": "discovery", "image": "weft/weftd:test",
             "ports": [{"name": "http-monitoring", "containerPort": port}]}]}
     }))
     .expect("a pod");

@@ -723,9 +723,19 @@ async fn dry_run_injection(client: &Client, webhook: &str, revision: &str) -> Li
             "the check needs to create and delete a namespace; run it as a cluster administrator",
         );
     }
+    // A new namespace gets its default ServiceAccount a moment later, and admission needs it.
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), &namespace);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(accounts.get_opt("default").await, Ok(Some(_)))
+        && tokio::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // No token mount: the pod is never created, and a token would only wait on the token controller.
     let pod: Pod = match serde_json::from_value(json!({
         "metadata": {"name": "weft-check"},
-        "spec": {"containers": [{"name": "app", "image": "weft-check"}]}
+        "spec": {"automountServiceAccountToken": false, "containers": [{"name": "app", "image": "weft-check"}]}
     })) {
         Ok(p) => p,
         Err(e) => return Line::fail(format!("cannot build a pod: {e}"), "a bug: report it"),
