@@ -1,8 +1,12 @@
 //! Weft's automation, one home for it: `cargo xtask test` (everything CI checks), `cargo xtask bench`,
-//! and the Kubernetes helpers (`gen-crds`, `kube-up`, `kube-down`).
+//! the Kubernetes helpers (`gen-crds`, `kube-up`, `kube-down`), and the release path (`release`,
+//! `images`, `e2e-kind`).
 
 mod bench;
+mod images;
+mod kind;
 mod kube;
+mod release;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,6 +49,18 @@ enum Task {
         #[arg(long)]
         purge: bool,
     },
+    /// Static release binaries (x86_64 musl; aarch64 too where `cross` exists) in target/dist, with
+    /// a version from git and SHA256SUMS, each checked to be static and to start.
+    Release,
+    /// The release binaries in the images of images/, with docker or podman.
+    Images {
+        /// The registry prefix of the image names.
+        #[arg(long, default_value = "weft")]
+        hub: String,
+    },
+    /// Weft on a kind cluster with Istio's bookinfo: install, check, routing, STRICT mTLS and an
+    /// AuthorizationPolicy, then the cluster is deleted. Needs kind, kubectl and docker or podman.
+    E2eKind,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +76,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::KubeDown { purge } => kube::down(&root, purge),
+        Task::Release => release::run(&root).map(drop),
+        Task::Images { hub } => images::run(&root, &hub).map(drop),
+        Task::E2eKind => kind::run(&root),
     }
 }
 

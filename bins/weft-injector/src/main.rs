@@ -7,7 +7,7 @@ use weft_injector::server;
 /// Weft's sidecar injector: a mutating admission webhook that gives pods weft-proxy as Istio's
 /// injector gives them Envoy.
 #[derive(Debug, Parser)]
-#[command(name = "weft-injector", version)]
+#[command(name = "weft-injector", version = weft_telemetry::VERSION)]
 struct Args {
     /// The webhook's address (Istio's 15017), served over TLS.
     #[arg(long, env = "WEFT_INJECTOR_ADDRESS", default_value = "0.0.0.0:15017")]

@@ -143,7 +143,7 @@ impl Config {
         // Istio's agent reports its version here; `weftctl proxy-status` and `version` show it.
         metadata.insert(
             "ISTIO_VERSION".into(),
-            Value::String(env!("CARGO_PKG_VERSION").into()),
+            Value::String(weft_telemetry::VERSION.into()),
         );
         metadata
             .entry("INTERCEPTION_MODE")

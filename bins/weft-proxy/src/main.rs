@@ -8,7 +8,7 @@ use weft_proxy::{app, config::Config, iptables, status};
 /// Weft's sidecar proxy. The workload is described by Istio's environment variables: POD_NAME,
 /// POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT, ISTIO_METAJSON_LABELS and ISTIO_META_*.
 #[derive(Debug, Parser)]
-#[command(name = "weft-proxy", version)]
+#[command(name = "weft-proxy", version = weft_telemetry::VERSION)]
 struct Args {
     /// The control plane's ADS address.
     #[arg(

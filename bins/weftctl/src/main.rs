@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 
 /// Weft's command line.
 #[derive(Debug, Parser)]
-#[command(name = "weftctl", version)]
+#[command(name = "weftctl", version = weft_telemetry::VERSION)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -239,7 +239,7 @@ fn main() -> ExitCode {
         }
         Command::Version { client, source } => {
             if client {
-                println!("client version: {}", env!("CARGO_PKG_VERSION"));
+                println!("client version: {}", weft_telemetry::VERSION);
                 return ExitCode::SUCCESS;
             }
             match runtime.block_on(source.reports()) {
@@ -248,7 +248,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    println!("client version: {}", env!("CARGO_PKG_VERSION"));
+                    println!("client version: {}", weft_telemetry::VERSION);
                     eprintln!("✗ control plane: {e:#}");
                     ExitCode::FAILURE
                 }

@@ -230,7 +230,7 @@ pub fn table<'a, const N: usize>(rows: impl IntoIterator<Item = &'a [String; N]>
 
 /// `weftctl version`: this binary's, each weftd replica's, and the proxies' by count.
 pub fn render_version(replicas: &[Replica]) -> String {
-    let mut out = format!("client version: {}\n", env!("CARGO_PKG_VERSION"));
+    let mut out = format!("client version: {}\n", weft_telemetry::VERSION);
     for r in replicas {
         let _ = writeln!(
             out,

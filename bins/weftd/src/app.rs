@@ -565,7 +565,7 @@ async fn serve_metrics(
                     }
                 } else if req.uri().path() == "/debug/syncz" {
                     let report = weft_xds::syncz::SyncReport {
-                        control_plane_version: env!("CARGO_PKG_VERSION").into(),
+                        control_plane_version: weft_telemetry::VERSION.into(),
                         proxies: xds.sync_status(),
                     };
                     match serde_json::to_string_pretty(&report) {

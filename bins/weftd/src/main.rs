@@ -8,7 +8,7 @@ use weftd::{
 
 /// Weft's control plane: serves Envoy xDS built from Kubernetes and Istio manifests.
 #[derive(Debug, Parser)]
-#[command(name = "weftd", version)]
+#[command(name = "weftd", version = weft_telemetry::VERSION)]
 struct Args {
     /// Where config comes from: `dir` (a directory of YAML manifests, `--config-dir`) or `kubernetes`
     /// (the API server, as istiod reads it).

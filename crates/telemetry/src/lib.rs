@@ -44,6 +44,13 @@ pub fn init_tracing() {
     init_tracing_with_default("info");
 }
 
+/// Weft's version as every binary reports it: a release's, stamped from git into `WEFT_VERSION` by
+/// `cargo xtask release`, else the crates' own.
+pub const VERSION: &str = match option_env!("WEFT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// As [`init_tracing`], with another default filter for tools whose own output matters more than logs.
 pub fn init_tracing_with_default(default_filter: &str) {
     use tracing_subscriber::{EnvFilter, fmt};
