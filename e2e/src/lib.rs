@@ -1,5 +1,9 @@
 //! Helpers for the network-namespace tests: servers and clients that know nothing of the mesh, and the
 //! original-destination lookup a captured connection carries. The namespaces come from `weft-netns`.
+//! [`kubelet`] works out how a Pod from the API server runs as processes, for the harness that stands
+//! in for kind here.
+
+pub mod kubelet;
 
 use anyhow::Context;
 
