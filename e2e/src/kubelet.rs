@@ -367,5 +367,7 @@ pub fn plan(pod: &Pod, images: &Images, placement: &Placement) -> Result<PodPlan
     Ok(PodPlan { volumes, processes })
 }
 
+pub mod node;
+
 #[cfg(test)]
 mod tests;

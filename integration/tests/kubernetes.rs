@@ -1208,3 +1208,106 @@ async fn weftctl_analyze_reads_the_cluster() {
         "other namespaces are left out: {text}"
     );
 }
+
+/// The e2e harness's node against the real API server: the pod the real controller-manager makes for
+/// a Deployment is bound to the node and reported running and ready, and the real controllers act on
+/// it as on any cluster's: the Deployment becomes available and the EndpointSlice controller puts the
+/// pod's address in its Service's slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn the_harness_node_binds_pods_and_reports_them_as_a_kubelet() {
+    use k8s_openapi::api::{apps::v1::Deployment, core::v1::Node as NodeObject};
+    use kube::api::{DeleteParams, ListParams};
+    use weft_e2e::kubelet::node::{Node, Report};
+    let cluster = Cluster::connect().await;
+    let namespace = cluster.namespace("weft-node").await;
+    cluster
+        .apply(
+            &format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {namespace}}}\n\
+                 spec:\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n\
+                 \x20   spec: {{automountServiceAccountToken: false, containers: [{{name: web, image: weft/weft-proxy:0.1.0}}]}}\n---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {namespace}}}\n\
+                 spec: {{selector: {{app: web}}, ports: [{{name: http, port: 80}}]}}\n"
+            ),
+            &namespace,
+        )
+        .await;
+    let node_name = format!("weft-e2e-{}", std::process::id());
+    let node = Node::register(cluster.admin.clone(), &node_name, "10.98.0.1")
+        .await
+        .expect("the node registers");
+    let pod = wait_for("the Deployment's pod, unscheduled", WAIT, || async {
+        node.unscheduled()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()))
+    })
+    .await;
+    node.bind(&pod).await.expect("bound to the node");
+    node.report(
+        &pod,
+        "10.98.0.7",
+        &["web".into()],
+        &Report::Running { ready: true },
+    )
+    .await
+    .expect("status reported");
+
+    let deployments: kube::Api<Deployment> =
+        kube::Api::namespaced(cluster.admin.clone(), &namespace);
+    wait_for("the Deployment to be available", WAIT, || async {
+        let d = deployments.get("web").await.ok()?;
+        (d.status?.available_replicas? == 1).then_some(())
+    })
+    .await;
+    let slices: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        cluster.admin.clone(),
+        &namespace,
+        &kube::discovery::ApiResource {
+            group: "discovery.k8s.io".into(),
+            version: "v1beta1".into(),
+            api_version: "discovery.k8s.io/v1beta1".into(),
+            kind: "EndpointSlice".into(),
+            plural: "endpointslices".into(),
+        },
+    );
+    wait_for(
+        "the pod's address in the Service's EndpointSlice",
+        WAIT,
+        || async {
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+                .await
+                .ok()?;
+            list.items
+                .iter()
+                .any(|s| {
+                    s.data["endpoints"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| {
+                            e["addresses"][0] == "10.98.0.7" && e["conditions"]["ready"] == true
+                        })
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(cluster.admin.clone(), &namespace);
+    let bound = pods
+        .get(pod.metadata.name.as_deref().unwrap_or_default())
+        .await
+        .expect("the pod");
+    assert_eq!(
+        bound.spec.and_then(|s| s.node_name).as_deref(),
+        Some(node_name.as_str())
+    );
+    kube::Api::<NodeObject>::all(cluster.admin.clone())
+        .delete(&node_name, &DeleteParams::default())
+        .await
+        .expect("the node is removed");
+}
