@@ -1037,6 +1037,37 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
             .is_some(),
         "the CRDs stay without --purge"
     );
+    // --purge takes the CRDs too, and returns once they are gone (the next test's connect puts
+    // them back).
+    weftctl::install::uninstall(&UninstallArgs {
+        target: Target {
+            values: ValuesArgs {
+                sets: vec!["profile=demo".into()],
+                files: vec![],
+                revision: Some(revision.clone()),
+            },
+            kube: KubeArgs {
+                kubeconfig: Some(cluster.kubeconfig.clone()),
+                context: None,
+            },
+            namespace: namespace.clone(),
+        },
+        purge: true,
+    })
+    .await
+    .expect("uninstall --purge");
+    assert!(
+        cluster
+            .get(
+                "apiextensions.k8s.io/v1",
+                "CustomResourceDefinition",
+                "",
+                "virtualservices.networking.istio.io"
+            )
+            .await
+            .is_none(),
+        "--purge deletes the CRDs"
+    );
 }
 
 /// A non-loopback address of this machine: the API server refuses to proxy to loopback pod IPs.

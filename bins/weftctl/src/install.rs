@@ -438,9 +438,11 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     let (cluster, version, _) = Cluster::connect(&target.kube).await?;
     let manifests = crate::manifest::generate(&values, &target.namespace, version)?;
     let mut removed = 0;
+    let mut crds = Vec::new();
     // Webhook first and CRDs last: the reverse of the install order.
     for m in manifests.iter().rev() {
-        if m.object["kind"] == "CustomResourceDefinition" && !args.purge {
+        let crd = m.object["kind"] == "CustomResourceDefinition";
+        if crd && !args.purge {
             continue;
         }
         let (api, name) = cluster.api(&m.object)?;
@@ -448,11 +450,42 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
             Ok(_) => {
                 removed += 1;
                 println!("✓ deleted {}", describe(&m.object));
+                if crd {
+                    crds.push((api, name));
+                }
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => {
                 return Err(e).with_context(|| format!("cannot delete {}", describe(&m.object)));
             }
+        }
+    }
+    if !crds.is_empty() {
+        // A CRD goes only once the API server has deleted its objects; until then the kinds are
+        // still served, and an install right after would find them terminating.
+        println!(
+            "… waiting for {} CRDs and their objects to be gone",
+            crds.len()
+        );
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut left = Vec::new();
+            for (api, name) in &crds {
+                if api.get_opt(name).await.map_or(true, |o| o.is_some()) {
+                    left.push(name.clone());
+                }
+            }
+            if left.is_empty() {
+                println!("✓ the CRDs are gone");
+                break;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                anyhow::bail!(
+                    "CRDs still terminating after 2m: {} (kubectl get crd NAME -o yaml shows what holds each: its status.conditions and finalizers)",
+                    left.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     println!(
