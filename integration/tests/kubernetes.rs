@@ -1342,3 +1342,86 @@ async fn the_harness_node_binds_pods_and_reports_them_as_a_kubelet() {
         .await
         .expect("the node is removed");
 }
+
+/// The harness writes an injected pod's volumes as a kubelet does: the `istio-ca` token weftd's CA
+/// accepts (checked with a TokenReview for that audience), the ConfigMap's keys, an emptyDir, and the
+/// service account directory with the cluster's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn the_harness_writes_a_pods_volumes_as_a_kubelet() {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenReview, TokenReviewSpec},
+        core::v1::Pod,
+    };
+    use kube::api::PostParams;
+    let cluster = Cluster::connect().await;
+    let namespace = cluster.namespace("weft-volumes").await;
+    cluster.service_account(&namespace, "web").await;
+    cluster
+        .apply(
+            &format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio-ca-root-cert, namespace: {namespace}}}\ndata: {{root-cert.pem: ROOT}}\n"
+            ),
+            &namespace,
+        )
+        .await;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(cluster.admin.clone(), &namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "weft/weft-proxy"}],
+            "volumes": [
+                {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token"}}]}},
+                {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+                {"name": "scratch", "emptyDir": {}}
+            ]}
+    }))
+    .expect("a pod");
+    // The ServiceAccount admission needs the account's token Secret, which its controller makes.
+    let pod = wait_for("the pod to be admitted", WAIT, || async {
+        pods.create(&PostParams::default(), &pod).await.ok()
+    })
+    .await;
+    let images = weft_e2e::kubelet::Images::default().with("weft-proxy", "/bin/true");
+    let placement = weft_e2e::kubelet::Placement {
+        pod_ip: "10.98.0.9".into(),
+        host_ip: "10.98.0.1".into(),
+        node_name: "n".into(),
+    };
+    let plan = weft_e2e::kubelet::plan(&pod, &images, &placement).expect("a plan");
+    let dir = std::env::temp_dir().join(format!("weft-volumes-{}", std::process::id()));
+    let root_ca = wait_for("the namespace's kube-root-ca.crt", WAIT, || async {
+        weft_e2e::kubelet::volumes::write_volumes(&cluster.admin, &pod, &plan.volumes, &dir)
+            .await
+            .ok()
+    })
+    .await;
+    let read = |volume: &str, file: &str| {
+        std::fs::read_to_string(root_ca[volume].join(file))
+            .unwrap_or_else(|e| panic!("{volume}/{file}: {e}"))
+    };
+    assert_eq!(read("istiod-ca-cert", "root-cert.pem"), "ROOT");
+    assert_eq!(read("kube-api-access", "namespace"), namespace);
+    assert!(read("kube-api-access", "ca.crt").contains("BEGIN CERTIFICATE"));
+    assert!(root_ca["scratch"].is_dir());
+    let review = kube::Api::<TokenReview>::all(cluster.admin.clone())
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(read("istio-token", "istio-token")),
+                    audiences: Some(vec!["istio-ca".into()]),
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("a review")
+        .status
+        .expect("a status");
+    assert_eq!(review.authenticated, Some(true), "{review:?}");
+    assert_eq!(
+        review.user.and_then(|u| u.username).as_deref(),
+        Some(format!("system:serviceaccount:{namespace}:web").as_str())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
