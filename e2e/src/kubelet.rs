@@ -368,6 +368,7 @@ pub fn plan(pod: &Pod, images: &Images, placement: &Placement) -> Result<PodPlan
 }
 
 pub mod node;
+pub mod run;
 pub mod volumes;
 
 #[cfg(test)]

@@ -1,0 +1,114 @@
+//! Starting a planned container: inside the pod's network namespace, in a mount namespace of its own
+//! where each volume is bound at its mount path (so the program finds its token and certificates
+//! where a pod has them), as the container's user.
+
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+use super::{Process, volumes::Written};
+
+/// Quoted for `sh`: the paths come from a pod spec.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The mount script: each volume's directory bound at its path, read-only where the pod says so.
+pub fn mount_script(process: &Process, volumes: &Written) -> anyhow::Result<String> {
+    let mut script = String::from("set -e\n");
+    for m in &process.mounts {
+        let source = volumes
+            .get(&m.volume)
+            .with_context(|| format!("volume {} was not written", m.volume))?;
+        let (source, target) = (quote(&source.display().to_string()), quote(&m.path));
+        script.push_str(&format!(
+            "mkdir -p {target}\nmount --bind {source} {target}\n"
+        ));
+        if m.read_only {
+            script.push_str(&format!("mount -o remount,bind,ro {target}\n"));
+        }
+    }
+    // The program and its arguments arrive as "$0" "$@", never through the shell's parsing.
+    script.push_str("exec \"$0\" \"$@\"\n");
+    Ok(script)
+}
+
+/// Starts `process` in network namespace `netns`, its output to `log`.
+pub fn spawn(
+    netns: &str,
+    process: &Process,
+    volumes: &Written,
+    log: std::fs::File,
+) -> anyhow::Result<Child> {
+    let script = mount_script(process, volumes)?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .args(["unshare", "--mount", "--propagation", "private", "--"])
+        .args(["sh", "-c", &script]);
+    if let Some((uid, gid)) = process.user {
+        cmd.args([
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+        ]);
+    }
+    cmd.arg(&process.program)
+        .args(&process.args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .envs(process.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    cmd.spawn()
+        .with_context(|| format!("cannot start container {}", process.container))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubelet::Mount;
+
+    #[test]
+    fn mounts_bind_each_volume_and_quote_what_the_pod_wrote() {
+        let process = Process {
+            container: "c".into(),
+            init: false,
+            program: "/bin/true".into(),
+            args: vec![],
+            env: vec![],
+            user: None,
+            mounts: vec![
+                Mount {
+                    volume: "token".into(),
+                    path: "/var/run/secrets/tokens".into(),
+                    read_only: true,
+                },
+                Mount {
+                    volume: "odd".into(),
+                    path: "/data/it's".into(),
+                    read_only: false,
+                },
+            ],
+            post_start: None,
+        };
+        let volumes: Written = [
+            ("token".to_string(), "/pods/p/volumes/token".into()),
+            ("odd".to_string(), "/pods/p/volumes/odd".into()),
+        ]
+        .into();
+        assert_eq!(
+            mount_script(&process, &volumes).expect("a script"),
+            "set -e\nmkdir -p '/var/run/secrets/tokens'\nmount --bind '/pods/p/volumes/token' '/var/run/secrets/tokens'\n\
+             mount -o remount,bind,ro '/var/run/secrets/tokens'\nmkdir -p '/data/it'\\''s'\n\
+             mount --bind '/pods/p/volumes/odd' '/data/it'\\''s'\nexec \"$0\" \"$@\"\n"
+        );
+        let missing: Written = Default::default();
+        assert!(mount_script(&process, &missing).is_err());
+    }
+}
