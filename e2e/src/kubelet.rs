@@ -367,6 +367,7 @@ pub fn plan(pod: &Pod, images: &Images, placement: &Placement) -> Result<PodPlan
     Ok(PodPlan { volumes, processes })
 }
 
+pub mod network;
 pub mod node;
 pub mod run;
 pub mod volumes;

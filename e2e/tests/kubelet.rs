@@ -65,3 +65,68 @@ fn a_planned_container_runs_in_its_pod_as_its_user_with_its_volumes() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// A Service's ClusterIP as pods reach it: routed to the host over the pod bridge, answered there,
+/// and forwarded to an endpoint; with no endpoint, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_ip_forwards_from_pods_to_an_endpoint() {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_e2e::kubelet::network::{Forwarder, HostAddress};
+
+    let network = weft_e2e::Network::new().expect("a pod network (needs root)");
+    let _host = network
+        .attach_host(Ipv4Addr::new(10, 95, 0, 1))
+        .expect("the host on the pod network");
+    let pod = Netns::new("client").expect("a pod");
+    network
+        .attach(&pod, Ipv4Addr::new(10, 95, 0, 2))
+        .expect("the pod on the network");
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend = echo.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = s.read(&mut buf).await {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    let vip = Ipv4Addr::new(10, 0, 0, 77);
+    let _address = HostAddress::add(vip).expect("the ClusterIP on the host");
+    let (endpoints, targets) = tokio::sync::watch::channel(vec![backend]);
+    let _forwarder = Forwarder::start(SocketAddr::new(vip.into(), 443), targets)
+        .await
+        .expect("the forwarder");
+
+    let call = || {
+        pod.spawn(move || async move {
+            let mut s = tokio::net::TcpStream::connect(SocketAddr::new(vip.into(), 443)).await?;
+            s.write_all(b"ping").await?;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            let n =
+                tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await??;
+            got.extend_from_slice(&buf[..n]);
+            Ok(String::from_utf8_lossy(&got).into_owned())
+        })
+        .join()
+        .expect("the pod's thread")
+    };
+    assert_eq!(call().expect("through the ClusterIP"), "ping");
+    endpoints.send_replace(vec![]);
+    // Closed with the request unread, which the kernel answers with a reset.
+    let refused = call();
+    assert!(
+        refused.as_ref().map_or(true, String::is_empty),
+        "no endpoints: closed at once, got {refused:?}"
+    );
+    server.abort();
+}
