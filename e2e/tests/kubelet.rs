@@ -23,7 +23,7 @@ fn a_planned_container_runs_in_its_pod_as_its_user_with_its_volumes() {
         args: vec![
             "-c".into(),
             format!(
-                "id -u; echo $GREETING; cat {}/t; echo; touch {}/w 2>/dev/null || echo read-only; ip -o link | grep -c ': eth'; true",
+                "id -u; echo $GREETING; cat {}/t; echo; touch {}/w 2>/dev/null || echo read-only; ip -o link | grep -c ': eth'; getent hosts istiod.istio-system.svc; true",
                 target.display(),
                 target.display()
             ),
@@ -38,9 +38,25 @@ fn a_planned_container_runs_in_its_pod_as_its_user_with_its_volumes() {
         post_start: None,
     };
     let volumes = [("token".to_string(), volume.clone())].into();
+    let hosts = base.join("hosts");
+    std::fs::write(
+        &hosts,
+        weft_e2e::kubelet::network::hosts_file(
+            &[weft_e2e::kubelet::network::ServiceName {
+                name: "istiod".into(),
+                namespace: "istio-system".into(),
+                cluster_ip: std::net::Ipv4Addr::new(10, 0, 0, 10),
+            }],
+            "default",
+            "app-0",
+            "10.95.0.9",
+        ),
+    )
+    .expect("hosts");
     let log_path = base.join("app.log");
     let log = std::fs::File::create(&log_path).expect("log");
-    let mut child = run::spawn(&netns.name, &process, &volumes, log).expect("started");
+    let mut child =
+        run::spawn(&netns.name, &process, &volumes, Some(&hosts), log).expect("started");
     let until = std::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -56,8 +72,15 @@ fn a_planned_container_runs_in_its_pod_as_its_user_with_its_volumes() {
     assert!(status.success(), "{status}: {out}");
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
-        ["1337", "hello", "TOKEN", "read-only", "0"],
-        "as 1337, its env, its volume read-only, and only the namespace's loopback"
+        [
+            "1337",
+            "hello",
+            "TOKEN",
+            "read-only",
+            "0",
+            "10.0.0.10       istiod.istio-system.svc.cluster.local istiod.istio-system.svc istiod.istio-system"
+        ],
+        "as 1337, its env, its volume read-only, only the namespace's loopback, and its hosts file"
     );
     assert!(
         !target.join("t").exists(),

@@ -88,3 +88,61 @@ impl Forwarder {
         Ok(Self { address, task })
     }
 }
+
+/// A Service as pods name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ip: Ipv4Addr,
+}
+
+/// A pod's `/etc/hosts`, standing in for cluster DNS: every Service by its names, the short one only
+/// for the pod's own namespace, as the DNS search path `<ns>.svc.cluster.local` resolves it.
+pub fn hosts_file(
+    services: &[ServiceName],
+    pod_namespace: &str,
+    pod_name: &str,
+    pod_ip: &str,
+) -> String {
+    let mut out = format!("127.0.0.1 localhost\n::1 localhost\n{pod_ip} {pod_name}\n");
+    for s in services {
+        let (name, ns) = (&s.name, &s.namespace);
+        out.push_str(&format!(
+            "{} {name}.{ns}.svc.cluster.local {name}.{ns}.svc {name}.{ns}",
+            s.cluster_ip
+        ));
+        if ns == pod_namespace {
+            out.push_str(&format!(" {name}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_name_services_as_cluster_dns_would_for_the_pod() {
+        let services = [
+            ServiceName {
+                name: "istiod".into(),
+                namespace: "istio-system".into(),
+                cluster_ip: Ipv4Addr::new(10, 0, 0, 10),
+            },
+            ServiceName {
+                name: "reviews".into(),
+                namespace: "bookinfo".into(),
+                cluster_ip: Ipv4Addr::new(10, 0, 0, 20),
+            },
+        ];
+        assert_eq!(
+            hosts_file(&services, "bookinfo", "productpage-v1-abc", "10.98.0.7"),
+            "127.0.0.1 localhost\n::1 localhost\n10.98.0.7 productpage-v1-abc\n\
+             10.0.0.10 istiod.istio-system.svc.cluster.local istiod.istio-system.svc istiod.istio-system\n\
+             10.0.0.20 reviews.bookinfo.svc.cluster.local reviews.bookinfo.svc reviews.bookinfo reviews\n"
+        );
+    }
+}

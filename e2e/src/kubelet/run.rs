@@ -2,7 +2,10 @@
 //! where each volume is bound at its mount path (so the program finds its token and certificates
 //! where a pod has them), as the container's user.
 
-use std::process::{Child, Command, Stdio};
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+};
 
 use anyhow::Context;
 
@@ -13,9 +16,20 @@ fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// The mount script: each volume's directory bound at its path, read-only where the pod says so.
-pub fn mount_script(process: &Process, volumes: &Written) -> anyhow::Result<String> {
+/// The mount script: each volume's directory bound at its path, read-only where the pod says so,
+/// and the pod's `/etc/hosts` over the host's, when it has one.
+pub fn mount_script(
+    process: &Process,
+    volumes: &Written,
+    hosts: Option<&Path>,
+) -> anyhow::Result<String> {
     let mut script = String::from("set -e\n");
+    if let Some(hosts) = hosts {
+        script.push_str(&format!(
+            "mount --bind {} /etc/hosts\n",
+            quote(&hosts.display().to_string())
+        ));
+    }
     for m in &process.mounts {
         let source = volumes
             .get(&m.volume)
@@ -38,9 +52,10 @@ pub fn spawn(
     netns: &str,
     process: &Process,
     volumes: &Written,
+    hosts: Option<&Path>,
     log: std::fs::File,
 ) -> anyhow::Result<Child> {
-    let script = mount_script(process, volumes)?;
+    let script = mount_script(process, volumes, hosts)?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns])
         .args(["unshare", "--mount", "--propagation", "private", "--"])
@@ -103,12 +118,18 @@ mod tests {
         ]
         .into();
         assert_eq!(
-            mount_script(&process, &volumes).expect("a script"),
+            mount_script(&process, &volumes, None).expect("a script"),
             "set -e\nmkdir -p '/var/run/secrets/tokens'\nmount --bind '/pods/p/volumes/token' '/var/run/secrets/tokens'\n\
              mount -o remount,bind,ro '/var/run/secrets/tokens'\nmkdir -p '/data/it'\\''s'\n\
              mount --bind '/pods/p/volumes/odd' '/data/it'\\''s'\nexec \"$0\" \"$@\"\n"
         );
         let missing: Written = Default::default();
-        assert!(mount_script(&process, &missing).is_err());
+        assert!(mount_script(&process, &missing, None).is_err());
+        let with_hosts =
+            mount_script(&process, &volumes, Some(Path::new("/pods/p/hosts"))).expect("a script");
+        assert!(
+            with_hosts.starts_with("set -e\nmount --bind '/pods/p/hosts' /etc/hosts\n"),
+            "{with_hosts}"
+        );
     }
 }
