@@ -82,6 +82,40 @@ pub struct Process {
     pub mounts: Vec<Mount>,
     /// `lifecycle.postStart.exec`, which holds the pod's next containers until it exits.
     pub post_start: Option<Vec<String>>,
+    /// How the kubelet would tell the container is ready; `None`: ready once started.
+    pub readiness: Option<Readiness>,
+}
+
+/// A readiness probe, its port resolved against the container's named ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Http { port: u16, path: String },
+    Tcp { port: u16 },
+}
+
+fn readiness(c: &Container) -> Option<Readiness> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let probe = c.readiness_probe.as_ref()?;
+    let resolve = |port: &IntOrString| match port {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    };
+    if let Some(h) = &probe.http_get {
+        return Some(Readiness::Http {
+            port: resolve(&h.port)?,
+            path: h.path.clone().unwrap_or_else(|| "/".into()),
+        });
+    }
+    probe.tcp_socket.as_ref().and_then(|t| {
+        Some(Readiness::Tcp {
+            port: resolve(&t.port)?,
+        })
+    })
 }
 
 /// The pod as processes, with the volumes they mount.
@@ -362,11 +396,13 @@ pub fn plan(pod: &Pod, images: &Images, placement: &Placement) -> Result<PodPlan
                 .and_then(|l| l.post_start.as_ref())
                 .and_then(|h| h.exec.as_ref())
                 .and_then(|e| e.command.clone()),
+            readiness: readiness(c),
         });
     }
     Ok(PodPlan { volumes, processes })
 }
 
+pub mod harness;
 pub mod network;
 pub mod node;
 pub mod run;

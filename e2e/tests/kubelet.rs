@@ -36,6 +36,7 @@ fn a_planned_container_runs_in_its_pod_as_its_user_with_its_volumes() {
             read_only: true,
         }],
         post_start: None,
+        readiness: None,
     };
     let volumes = [("token".to_string(), volume.clone())].into();
     let hosts = base.join("hosts");

@@ -1425,3 +1425,145 @@ async fn the_harness_writes_a_pods_volumes_as_a_kubelet() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The debug binaries cargo built beside this test (cargo xtask test builds them first), copied
+/// where the harness's pods (uid 1337 among them) can run them.
+fn harness_images() -> (weft_e2e::kubelet::Images, Vec<weft_netns::SharedExecutable>) {
+    let exe = std::env::current_exe().expect("the test's path");
+    let bin_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/debug");
+    let mut images = weft_e2e::kubelet::Images::default();
+    let mut copies = Vec::new();
+    for name in ["weftd", "weft-injector", "weft-proxy"] {
+        let built = bin_dir.join(name);
+        assert!(
+            built.is_file(),
+            "{} is missing: cargo build --bin {name} (cargo xtask test builds it)",
+            built.display()
+        );
+        let copy = weft_netns::SharedExecutable::new(&built).expect("a copy any user can run");
+        images = images.with(name, copy.path.clone());
+        copies.push(copy);
+    }
+    (images, copies)
+}
+
+/// `weftctl install --set profile=demo` into the real API server with the harness as its node: the
+/// control plane's pod (weftd and the injector, the real binaries, as the chart runs them) comes up,
+/// install returns once it is available, and `weftctl check` passes every stage: CRDs, control plane,
+/// the injector's caBundle and a dry-run injection the API server really sends to it, the root
+/// certificate weftd wrote, and the (zero) proxies in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
+async fn weftctl_install_on_the_harness_node_then_check_passes() {
+    use weftctl::{
+        install::{InstallArgs, KubeArgs, Target, UninstallArgs},
+        manifest::ValuesArgs,
+    };
+    let cluster = Cluster::connect().await;
+    let (images, _copies) = harness_images();
+    let server = kube::config::Kubeconfig::read_from(&cluster.kubeconfig)
+        .expect("the kubeconfig")
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref()?.server.clone())
+        .expect("a server");
+    let api_server: SocketAddr = server
+        .trim_start_matches("https://")
+        .parse()
+        .expect("the API server's address");
+    let dir = std::env::temp_dir().join(format!("weft-harness-{}", std::process::id()));
+    let harness = weft_e2e::kubelet::harness::Harness::start(
+        cluster.admin.clone(),
+        weft_e2e::kubelet::harness::Config {
+            node_name: format!("weft-harness-{}", std::process::id()),
+            images,
+            dir: dir.clone(),
+            subnet: [10, 94, 0],
+            api_server,
+        },
+    )
+    .await
+    .expect("the harness starts (needs root)");
+
+    let namespace = format!("weft-harness-{}", std::process::id());
+    let revision = format!("h{}", std::process::id());
+    let target = Target {
+        values: ValuesArgs {
+            sets: vec!["profile=demo".into()],
+            files: vec![],
+            revision: Some(revision.clone()),
+        },
+        kube: KubeArgs {
+            kubeconfig: Some(cluster.kubeconfig.clone()),
+            context: None,
+        },
+        namespace: namespace.clone(),
+    };
+    let installed = weftctl::install::install(&InstallArgs {
+        target: target.clone(),
+        dry_run: false,
+        wait_timeout: Duration::from_secs(90),
+    })
+    .await;
+    let logs = || {
+        let mut out = String::new();
+        for entry in walk_logs(&dir) {
+            out.push_str(&format!(
+                "--- {}\n{}\n",
+                entry.display(),
+                std::fs::read_to_string(&entry).unwrap_or_default()
+            ));
+        }
+        out
+    };
+    if let Err(e) = &installed {
+        panic!("install: {e:#}\n{}", logs());
+    }
+    let args = weftctl::check::CheckArgs {
+        pre: false,
+        namespace: namespace.clone(),
+        kube: target.kube.clone(),
+    };
+    let until = tokio::time::Instant::now() + WAIT;
+    let report = loop {
+        let stages = weftctl::check::run(&args).await;
+        let text = weftctl::check::render(&stages);
+        if weftctl::check::passed(&stages) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "weftctl check did not pass within {WAIT:?}:\n{text}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(
+        report.contains("✓ the API server calls istio-sidecar-injector-"),
+        "{report}"
+    );
+    weftctl::install::uninstall(&UninstallArgs {
+        target,
+        purge: false,
+    })
+    .await
+    .expect("uninstall");
+    drop(harness);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn walk_logs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk_logs(&path));
+        } else if path.extension().is_some_and(|e| e == "log") {
+            out.push(path);
+        }
+    }
+    out
+}

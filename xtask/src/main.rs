@@ -161,7 +161,7 @@ fn test(root: &Path, no_python: bool, no_kube: bool) -> anyhow::Result<()> {
             String::from_utf8_lossy(&aws.stdout)
         );
     }
-    // The network-namespace tests and the Python peers run the real binaries.
+    // The network-namespace tests, the harness node and the Python peers run the real binaries.
     run(
         "build binaries",
         &mut cargo(&[
@@ -170,6 +170,8 @@ fn test(root: &Path, no_python: bool, no_kube: bool) -> anyhow::Result<()> {
             "weftd",
             "--bin",
             "weft-proxy",
+            "--bin",
+            "weft-injector",
             "--bin",
             "weftctl",
         ]),

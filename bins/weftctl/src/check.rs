@@ -508,7 +508,7 @@ pub async fn run(args: &CheckArgs) -> Vec<Stage> {
     });
     stages.push(Stage {
         name: "Sidecar injector",
-        lines: injector(&client).await,
+        lines: injector(&client, &args.namespace).await,
     });
     let roots: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
     let source = format!("ConfigMap {}/istio-ca-root-cert", args.namespace);
@@ -646,7 +646,7 @@ async fn control_plane(client: &Client, namespace: &str) -> (Vec<Line>, bool) {
 
 /// Each injector webhook: its caBundle, then a server-side dry run of a pod in a namespace it
 /// selects, which makes the API server call the webhook as it would for a real pod.
-async fn injector(client: &Client) -> Vec<Line> {
+async fn injector(client: &Client, namespace: &str) -> Vec<Line> {
     let webhooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let list = match webhooks.list(&ListParams::default()).await {
         Ok(list) => list.items,
@@ -660,6 +660,8 @@ async fn injector(client: &Client) -> Vec<Line> {
             )];
         }
     };
+    // The webhooks of this control plane: named as Istio names them, calling a Service in its
+    // namespace (another install's are another check's).
     let ours: Vec<_> = list
         .into_iter()
         .filter(|w| {
@@ -667,11 +669,17 @@ async fn injector(client: &Client) -> Vec<Line> {
                 .name
                 .as_deref()
                 .is_some_and(|n| n.starts_with("istio-sidecar-injector"))
+                && w.webhooks.iter().flatten().any(|h| {
+                    h.client_config
+                        .service
+                        .as_ref()
+                        .is_some_and(|s| s.namespace == namespace)
+                })
         })
         .collect();
     if ours.is_empty() {
         return vec![Line::fail(
-            "no istio-sidecar-injector webhook",
+            format!("no istio-sidecar-injector webhook calls a Service in {namespace}"),
             "install it: weftctl install (sidecarInjectorWebhook.enabled=true)",
         )];
     }
@@ -700,7 +708,11 @@ async fn injector(client: &Client) -> Vec<Line> {
 }
 
 async fn dry_run_injection(client: &Client, webhook: &str, revision: &str) -> Line {
-    let namespace = format!("weft-check-{}", std::process::id());
+    // Unique per run: the previous run's namespace may still be terminating.
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let namespace = format!("weft-check-{}-{nanos}", std::process::id());
     let label = if revision == "default" {
         json!({"istio-injection": "enabled"})
     } else {

@@ -111,6 +111,7 @@ mod tests {
                 },
             ],
             post_start: None,
+            readiness: None,
         };
         let volumes: Written = [
             ("token".to_string(), "/pods/p/volumes/token".into()),

@@ -99,6 +99,13 @@ fn an_injected_bookinfo_pod_runs_as_its_spec_says() {
     );
     assert_eq!(plan.volumes["tmp"], VolumeSource::EmptyDir);
     assert_eq!(plan.processes[2].program, Path::new("/opt/weft/bookinfo"));
+    assert_eq!(
+        proxy.readiness,
+        Some(Readiness::Http {
+            port: 15021,
+            path: "/healthz/ready".into()
+        })
+    );
 }
 
 #[test]
