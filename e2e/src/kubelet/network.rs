@@ -25,10 +25,13 @@ impl HostAddress {
             .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
             .output()
             .context("cannot run ip (iproute2)")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Left by a run that was killed before it could clean up: it is the address we want.
+        let already = err.contains("File exists");
         anyhow::ensure!(
-            out.status.success(),
+            out.status.success() || already,
             "cannot add {ip} to the host's loopback (needs root): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            err.trim()
         );
         Ok(Self(ip))
     }
