@@ -1436,7 +1436,13 @@ fn harness_images() -> (weft_e2e::kubelet::Images, Vec<weft_netns::SharedExecuta
         .expect("target/debug");
     let mut images = weft_e2e::kubelet::Images::default();
     let mut copies = Vec::new();
-    for name in ["weftd", "weft-injector", "weft-proxy"] {
+    // weftctl's sample app stands in for an app image: `weft/weft-sample` runs it.
+    for (image, name) in [
+        ("weftd", "weftd"),
+        ("weft-injector", "weft-injector"),
+        ("weft-proxy", "weft-proxy"),
+        ("weft-sample", "weftctl"),
+    ] {
         let built = bin_dir.join(name);
         assert!(
             built.is_file(),
@@ -1444,7 +1450,7 @@ fn harness_images() -> (weft_e2e::kubelet::Images, Vec<weft_netns::SharedExecuta
             built.display()
         );
         let copy = weft_netns::SharedExecutable::new(&built).expect("a copy any user can run");
-        images = images.with(name, copy.path.clone());
+        images = images.with(image, copy.path.clone());
         copies.push(copy);
     }
     (images, copies)
@@ -1544,6 +1550,62 @@ async fn weftctl_install_on_the_harness_node_then_check_passes() {
     assert!(
         report.contains("✓ the API server calls istio-sidecar-injector-"),
         "{report}"
+    );
+
+    // A workload in a namespace labelled for this revision: the real webhook injects it, and the
+    // harness runs its init step (the capture rules), its sidecar and its app. The sidecar gets its
+    // certificate and config from weftd through the Service, and the pod turns Ready only once the
+    // sidecar says it is (its postStart `weft-proxy wait` holds the app until then).
+    let app_ns = format!("weft-app-{}", std::process::id());
+    cluster
+        .apply(
+            &format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {app_ns}, labels: {{istio.io/rev: {revision}}}}}\n---\n\
+                 apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: backend, namespace: {app_ns}}}\n\
+                 spec:\n  selector: {{matchLabels: {{app: backend}}}}\n  template:\n    metadata: {{labels: {{app: backend, version: v1}}}}\n\
+                 \x20   spec:\n      containers:\n      - name: backend\n        image: weft/weft-sample:0.1.0\n\
+                 \x20       args: [sample-app, backend, --listen, 0.0.0.0:9080, --version, v1]\n        ports: [{{containerPort: 9080}}]\n---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {{name: backend, namespace: {app_ns}}}\n\
+                 spec: {{selector: {{app: backend}}, ports: [{{name: http, port: 9080}}]}}\n"
+            ),
+            &app_ns,
+        )
+        .await;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(cluster.admin.clone(), &app_ns);
+    let until = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let available = deployments
+            .get("backend")
+            .await
+            .ok()
+            .and_then(|d| d.status?.available_replicas)
+            == Some(1);
+        if available {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the injected backend did not become available:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let source = weftctl::proxy_status::WeftdSource {
+        kube: target.kube.clone(),
+        istio_namespace: namespace.clone(),
+        weftd: None,
+    };
+    let (replicas, unreachable) = source.reports().await.expect("weftd answers");
+    let table = weftctl::proxy_status::render(&replicas, &unreachable, None);
+    let row = table
+        .lines()
+        .find(|l| l.contains(&format!(".{app_ns} ")))
+        .unwrap_or_else(|| panic!("the backend's sidecar is connected: {table}"));
+    assert_eq!(
+        row.split_whitespace().skip(1).take(3).collect::<Vec<_>>(),
+        ["SYNCED", "SYNCED", "SYNCED"],
+        "{table}"
     );
     weftctl::install::uninstall(&UninstallArgs {
         target,

@@ -37,6 +37,8 @@ use super::{
 const API_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 /// How long an init step or a postStart hook may take.
 const STEP_DEADLINE: Duration = Duration::from_secs(120);
+/// How long a pod that could not start waits before the next try.
+const RETRY: Duration = Duration::from_secs(2);
 
 pub struct Config {
     pub node_name: String,
@@ -244,6 +246,8 @@ async fn pods_loop(shared: Arc<Shared>) {
     let mut pods_tasks = JoinSet::new();
     loop {
         while pods_tasks.try_join_next().is_some() {}
+        // A pod whose start failed ended its task; the next pass starts it again.
+        running.retain(|_, task| !task.is_finished());
         if let Ok(unscheduled) = shared.node.unscheduled().await {
             for pod in unscheduled {
                 let _ = shared.node.bind(&pod).await;
@@ -368,7 +372,9 @@ async fn run_pod(shared: Arc<Shared>, pod: Pod) {
                 message: format!("{e:#}"),
             })
             .await;
-            std::future::pending::<()>().await;
+            // Tried again, as a kubelet retries: what was missing (a ConfigMap the control plane
+            // writes, a Secret) may be there by then.
+            tokio::time::sleep(RETRY).await;
         }
     }
 }
