@@ -1481,10 +1481,11 @@ async fn weftctl_install_on_the_harness_node_then_check_passes() {
         .parse()
         .expect("the API server's address");
     let dir = std::env::temp_dir().join(format!("weft-harness-{}", std::process::id()));
+    let node_name = format!("weft-harness-{}", std::process::id());
     let harness = weft_e2e::kubelet::harness::Harness::start(
         cluster.admin.clone(),
         weft_e2e::kubelet::harness::Config {
-            node_name: format!("weft-harness-{}", std::process::id()),
+            node_name: node_name.clone(),
             images,
             dir: dir.clone(),
             subnet: [10, 94, 0],
@@ -1596,24 +1597,57 @@ async fn weftctl_install_on_the_harness_node_then_check_passes() {
         istio_namespace: namespace.clone(),
         weftd: None,
     };
-    let (replicas, unreachable) = source.reports().await.expect("weftd answers");
-    let table = weftctl::proxy_status::render(&replicas, &unreachable, None);
-    let row = table
-        .lines()
-        .find(|l| l.contains(&format!(".{app_ns} ")))
-        .unwrap_or_else(|| panic!("the backend's sidecar is connected: {table}"));
-    assert_eq!(
-        row.split_whitespace().skip(1).take(3).collect::<Vec<_>>(),
-        ["SYNCED", "SYNCED", "SYNCED"],
-        "{table}"
-    );
+    // Each push is STALE until the proxy's ACK comes back: wait for the ACKs.
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (replicas, unreachable) = source.reports().await.expect("weftd answers");
+        let table = weftctl::proxy_status::render(&replicas, &unreachable, None);
+        let synced = table.lines().any(|l| {
+            l.contains(&format!(".{app_ns} "))
+                && l.split_whitespace().skip(1).take(3).collect::<Vec<_>>()
+                    == ["SYNCED", "SYNCED", "SYNCED"]
+        });
+        if synced {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the backend's sidecar is not in sync:\n{table}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Leave nothing behind for later tests: the app's pods go while the harness still confirms
+    // their deletion, then the control plane, then the node.
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(cluster.admin.clone());
+    namespaces
+        .delete(&app_ns, &Default::default())
+        .await
+        .expect("delete the app's namespace");
+    wait_for("the app's namespace to be gone", WAIT, || async {
+        matches!(namespaces.get_opt(&app_ns).await, Ok(None)).then_some(())
+    })
+    .await;
     weftctl::install::uninstall(&UninstallArgs {
         target,
         purge: false,
     })
     .await
     .expect("uninstall");
+    namespaces
+        .delete(&namespace, &Default::default())
+        .await
+        .expect("delete the control plane's namespace");
+    wait_for("the control plane's namespace to be gone", WAIT, || async {
+        matches!(namespaces.get_opt(&namespace).await, Ok(None)).then_some(())
+    })
+    .await;
     drop(harness);
+    kube::Api::<k8s_openapi::api::core::v1::Node>::all(cluster.admin.clone())
+        .delete(&node_name, &Default::default())
+        .await
+        .expect("the node is removed");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

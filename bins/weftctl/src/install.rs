@@ -115,18 +115,12 @@ impl Cluster {
             .context("cannot reach the API server")?;
         let version = parse_kube_version(&format!("{}.{}", info.major, info.minor))
             .map_err(anyhow::Error::msg)?;
-        let discovery = Discovery::new(client.clone())
-            .run()
-            .await
-            .context("cannot list the API server's resources")?;
+        let discovery = discover(&client).await?;
         Ok((Self { client, discovery }, version, info.git_version))
     }
 
     async fn rediscover(&mut self) -> anyhow::Result<()> {
-        self.discovery = Discovery::new(self.client.clone())
-            .run()
-            .await
-            .context("cannot list the API server's resources")?;
+        self.discovery = discover(&self.client).await?;
         Ok(())
     }
 
@@ -174,6 +168,21 @@ impl Cluster {
             .await
             .map_err(|e| anyhow::anyhow!("cannot read Namespace {name}: {}", api_message(&e)))?
             .is_some())
+    }
+}
+
+/// What the API server serves. Right after CRDs come or go, a group it lists can answer 404 for a
+/// moment while it is (un)registered; that is retried for a few seconds before it is an error.
+async fn discover(client: &Client) -> anyhow::Result<Discovery> {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Discovery::new(client.clone()).run().await {
+            Ok(d) => return Ok(d),
+            Err(e) if tokio::time::Instant::now() >= give_up => {
+                return Err(e).context("cannot list the API server's resources");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
     }
 }
 
