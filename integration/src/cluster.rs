@@ -73,6 +73,14 @@ impl Cluster {
         cluster
     }
 
+    /// How weftctl reaches this cluster, as `--kubeconfig` would say.
+    pub fn kube_args(&self) -> weftctl::install::KubeArgs {
+        weftctl::install::KubeArgs {
+            kubeconfig: Some(self.kubeconfig.clone()),
+            context: None,
+        }
+    }
+
     /// A fresh namespace, named after `what` and unique to this run.
     pub async fn namespace(&self, what: &str) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);

@@ -873,7 +873,7 @@ async fn the_webhook_injects_the_pods_istios_rules_select() {
 #[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
 async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
     use weftctl::{
-        install::{InstallArgs, KubeArgs, Target, UninstallArgs},
+        install::{InstallArgs, Target, UninstallArgs},
         manifest::ValuesArgs,
     };
     let cluster = Cluster::connect().await;
@@ -885,10 +885,7 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
         files: vec![],
         revision: Some(revision.clone()),
     };
-    let kube = KubeArgs {
-        kubeconfig: Some(cluster.kubeconfig.clone()),
-        context: None,
-    };
+    let kube = cluster.kube_args();
     let target = Target {
         values,
         kube,
@@ -984,6 +981,7 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
         assert!(report.contains(expected), "{expected:?} in:\n{report}");
     }
 
+    let purge_target = target.clone();
     weftctl::install::uninstall(&UninstallArgs {
         target,
         purge: false,
@@ -1040,18 +1038,7 @@ async fn weftctl_install_applies_the_charts_and_uninstall_removes_them() {
     // --purge takes the CRDs too, and returns once they are gone (the next test's connect puts
     // them back).
     weftctl::install::uninstall(&UninstallArgs {
-        target: Target {
-            values: ValuesArgs {
-                sets: vec!["profile=demo".into()],
-                files: vec![],
-                revision: Some(revision.clone()),
-            },
-            kube: KubeArgs {
-                kubeconfig: Some(cluster.kubeconfig.clone()),
-                context: None,
-            },
-            namespace: namespace.clone(),
-        },
+        target: purge_target,
         purge: true,
     })
     .await
@@ -1135,10 +1122,7 @@ async fn weftctl_reads_weftd_through_the_api_servers_pod_proxy() {
     .await
     .expect("the pod runs, as a kubelet would report");
 
-    let kube = weftctl::install::KubeArgs {
-        kubeconfig: Some(cluster.kubeconfig.clone()),
-        context: None,
-    };
+    let kube = cluster.kube_args();
     let source = weftctl::proxy_status::WeftdSource {
         kube: kube.clone(),
         istio_namespace: namespace.clone(),
@@ -1211,10 +1195,7 @@ async fn weftctl_analyze_reads_the_cluster() {
         files: vec![],
         all_namespaces: false,
         namespace: namespace.clone(),
-        kube: weftctl::install::KubeArgs {
-            kubeconfig: Some(cluster.kubeconfig.clone()),
-            context: None,
-        },
+        kube: cluster.kube_args(),
     })
     .await
     .expect("the cluster can be analyzed");
@@ -1465,7 +1446,7 @@ fn harness_images() -> (weft_e2e::kubelet::Images, Vec<weft_netns::SharedExecuta
 #[ignore = "needs a kube-apiserver: cargo xtask test starts one"]
 async fn weftctl_install_on_the_harness_node_then_check_passes() {
     use weftctl::{
-        install::{InstallArgs, KubeArgs, Target, UninstallArgs},
+        install::{InstallArgs, Target, UninstallArgs},
         manifest::ValuesArgs,
     };
     let cluster = Cluster::connect().await;
@@ -1503,10 +1484,7 @@ async fn weftctl_install_on_the_harness_node_then_check_passes() {
             files: vec![],
             revision: Some(revision.clone()),
         },
-        kube: KubeArgs {
-            kubeconfig: Some(cluster.kubeconfig.clone()),
-            context: None,
-        },
+        kube: cluster.kube_args(),
         namespace: namespace.clone(),
     };
     let installed = weftctl::install::install(&InstallArgs {

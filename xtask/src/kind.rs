@@ -17,16 +17,11 @@ const CLUSTER: &str = "weft-e2e";
 /// Istio's samples, pinned to a release whose layout these steps follow.
 const SAMPLES: &str = "https://raw.githubusercontent.com/istio/istio/release-1.23/samples";
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
-
 /// What this command needs and this machine lacks, all of it at once.
 fn missing() -> Vec<String> {
     let mut missing: Vec<String> = ["kind", "kubectl"]
         .into_iter()
-        .filter(|t| !on_path(t))
+        .filter(|t| !crate::on_path(t))
         .map(|t| format!("{t} is not installed"))
         .collect();
     if let Err(e) = crate::images::engine() {

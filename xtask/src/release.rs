@@ -34,11 +34,6 @@ fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
-
 /// The crates' version, plus the commit when HEAD is not the release tag `v<version>`, and `dirty`
 /// when the tree has changes: a binary always says what it was built from.
 pub(crate) fn version(root: &Path) -> anyhow::Result<String> {
@@ -73,7 +68,7 @@ fn musl_missing() -> anyhow::Result<Option<String>> {
             "the Rust target {X86_64} is not installed: rustup target add {X86_64}"
         )));
     }
-    if !on_path("x86_64-linux-musl-gcc") && !on_path("musl-gcc") {
+    if !crate::on_path("x86_64-linux-musl-gcc") && !crate::on_path("musl-gcc") {
         return Ok(Some(
             "no musl C compiler (ring compiles C and assembly): apt-get install musl-tools".into(),
         ));
@@ -139,7 +134,7 @@ fn build(root: &Path, target: &str, version: &str, epoch: &str, tool: &str) -> a
         .env("WEFT_VERSION", version)
         .env("SOURCE_DATE_EPOCH", epoch)
         .env("RUSTFLAGS", rustflags);
-    if target == X86_64 && !on_path("x86_64-linux-musl-gcc") {
+    if target == X86_64 && !crate::on_path("x86_64-linux-musl-gcc") {
         cmd.env("CC_x86_64_unknown_linux_musl", "musl-gcc");
     }
     crate::run(
@@ -160,7 +155,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<Vec<Artifact>> {
         "git log",
     )?;
     let mut targets = vec![X86_64];
-    if on_path("cross") {
+    if crate::on_path("cross") {
         targets.push(AARCH64);
     } else {
         eprintln!("==> no `cross` on PATH: building {X86_64} only");

@@ -555,57 +555,46 @@ pub async fn run(args: &CheckArgs) -> Vec<Stage> {
     stages
 }
 
-/// Before an install: a control plane already there is not an error, but install would change it.
-async fn existing_control_plane(client: &Client, namespace: &str) -> Line {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    match deployments
+/// weftd's Deployments in `namespace` (label `app=weftd`, as the chart sets), or the failure line.
+async fn weftd_deployments(client: &Client, namespace: &str) -> Result<Vec<Deployment>, Line> {
+    Api::<Deployment>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels("app=weftd"))
         .await
-    {
-        Ok(list) if list.items.is_empty() => {
-            Line::pass(format!("no control plane in {namespace} yet"))
-        }
+        .map(|list| list.items)
+        .map_err(|e| {
+            Line::fail(
+                format!(
+                    "cannot list Deployments in {namespace}: {}",
+                    api_message(&e)
+                ),
+                "the caller needs to list deployments there",
+            )
+        })
+}
+
+/// Before an install: a control plane already there is not an error, but install would change it.
+async fn existing_control_plane(client: &Client, namespace: &str) -> Line {
+    match weftd_deployments(client, namespace).await {
+        Ok(list) if list.is_empty() => Line::pass(format!("no control plane in {namespace} yet")),
         Ok(list) => Line::warn(
             format!(
                 "a control plane is already installed in {namespace} ({})",
-                list.items
-                    .iter()
+                list.iter()
                     .filter_map(|d| d.metadata.name.clone())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
             "install applies over it; use --revision R to install a second one beside it",
         ),
-        Err(e) => Line::fail(
-            format!(
-                "cannot list Deployments in {namespace}: {}",
-                api_message(&e)
-            ),
-            "the caller needs to list deployments there",
-        ),
+        Err(line) => line,
     }
 }
 
 /// Each weftd Deployment available, and whether any weftd pod runs to ask.
 async fn control_plane(client: &Client, namespace: &str) -> (Vec<Line>, bool) {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let list = match deployments
-        .list(&ListParams::default().labels("app=weftd"))
-        .await
-    {
-        Ok(list) => list.items,
-        Err(e) => {
-            return (
-                vec![Line::fail(
-                    format!(
-                        "cannot list Deployments in {namespace}: {}",
-                        api_message(&e)
-                    ),
-                    "the caller needs to list deployments there",
-                )],
-                false,
-            );
-        }
+    let list = match weftd_deployments(client, namespace).await {
+        Ok(list) => list,
+        Err(line) => return (vec![line], false),
     };
     if list.is_empty() {
         return (
