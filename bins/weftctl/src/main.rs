@@ -115,6 +115,13 @@ enum SampleApp {
         #[arg(long, default_value = "v1")]
         version: String,
     },
+    /// One of Bookinfo's services on port 9080, standing in for its sample image where none can be
+    /// pulled (the Kubernetes-backed e2e runs `docker.io/istio/examples-bookinfo-*` images with it).
+    Bookinfo {
+        /// The image's service and version: `productpage-v1`, `details-v1`, `reviews-v1`,
+        /// `reviews-v2`, `reviews-v3` or `ratings-v1`.
+        service: weftctl::sample_app::Bookinfo,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -137,15 +144,13 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::SampleApp(SampleApp::Backend { listen, version }) => {
-            match runtime.block_on(sample_backend(listen, version)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("weftctl sample-app: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Command::SampleApp(app) => match runtime.block_on(sample_app(app)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weftctl sample-app: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::KubeInject {
             file,
             proxy_image,
@@ -318,10 +323,27 @@ fn kube_inject(file: &std::path::Path, config: &weft_inject::InjectConfig) -> an
     Ok(())
 }
 
-async fn sample_backend(listen: std::net::SocketAddr, version: String) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+async fn sample_app(app: SampleApp) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use weftctl::sample_app;
+    let listen = match &app {
+        SampleApp::Backend { listen, .. } => *listen,
+        SampleApp::Bookinfo { .. } => {
+            (std::net::Ipv4Addr::UNSPECIFIED, sample_app::BOOKINFO_PORT).into()
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let (trigger, watcher) = weft_drain::new();
-    let server = tokio::spawn(weftctl::sample_app::backend(listener, version, watcher));
+    let server = match app {
+        SampleApp::Backend { version, .. } => {
+            tokio::spawn(sample_app::backend(listener, version, watcher))
+        }
+        SampleApp::Bookinfo { service } => {
+            tokio::spawn(sample_app::bookinfo(listener, service, watcher))
+        }
+    };
     weft_telemetry::shutdown_signal().await;
     trigger.drain().await;
     server.await?;
