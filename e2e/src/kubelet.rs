@@ -13,22 +13,67 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
 
-/// Which local program each image runs, by the image's repository name (`weft/weft-proxy:0.1.0` and
+/// What each image runs here, by the image's repository name (`weft/weft-proxy:0.1.0` and
 /// `docker.io/weft/weft-proxy` are both `weft-proxy`).
 #[derive(Clone, Debug, Default)]
-pub struct Images(BTreeMap<String, PathBuf>);
+pub struct Images(BTreeMap<String, Image>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Image {
+    /// One local program as the image's entrypoint; `cmd` stands in for the image's CMD, the
+    /// arguments a container gets when it names neither `command` nor `args`.
+    Program { program: PathBuf, cmd: Vec<String> },
+    /// An image of ordinary tools (curl's, busybox's): a container's `command` names one of the
+    /// host's programs, found on [`HOST_PATH`].
+    HostTools,
+}
+
+/// Where a [`Image::HostTools`] container's programs are looked for, and every container's `PATH`.
+pub const HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The host's program named by `command` (a path or a bare name), by its file name on [`HOST_PATH`].
+pub fn host_program(command: &str) -> Option<PathBuf> {
+    let name = command.rsplit('/').next().filter(|n| !n.is_empty())?;
+    HOST_PATH
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
+fn repository(image: &str) -> &str {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    last.split(':').next().unwrap_or(last)
+}
 
 impl Images {
-    pub fn with(mut self, repository: &str, program: impl Into<PathBuf>) -> Self {
-        self.0.insert(repository.to_string(), program.into());
+    pub fn with(self, repository: &str, program: impl Into<PathBuf>) -> Self {
+        self.with_cmd(repository, program, &[])
+    }
+
+    /// An image whose CMD is `cmd`: Istio's sample images are run without arguments.
+    pub fn with_cmd(mut self, repository: &str, program: impl Into<PathBuf>, cmd: &[&str]) -> Self {
+        self.0.insert(
+            repository.to_string(),
+            Image::Program {
+                program: program.into(),
+                cmd: cmd.iter().map(|a| a.to_string()).collect(),
+            },
+        );
         self
     }
 
+    pub fn with_host_tools(mut self, repository: &str) -> Self {
+        self.0.insert(repository.to_string(), Image::HostTools);
+        self
+    }
+
+    /// The entrypoint program of an image that has one.
     pub fn program(&self, image: &str) -> Option<&Path> {
-        let without_digest = image.split('@').next().unwrap_or(image);
-        let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
-        let repository = last.split(':').next().unwrap_or(last);
-        self.0.get(repository).map(PathBuf::as_path)
+        match self.0.get(repository(image))? {
+            Image::Program { program, .. } => Some(program),
+            Image::HostTools => None,
+        }
     }
 }
 
@@ -313,13 +358,11 @@ pub fn plan(pod: &Pod, images: &Images, placement: &Placement) -> Result<PodPlan
     let mut processes = Vec::new();
     for (c, is_init) in init.chain(main) {
         let image = c.image.clone().unwrap_or_default();
-        let program = images
-            .program(&image)
-            .ok_or_else(|| PlanError::Image {
-                container: c.name.clone(),
-                image: image.clone(),
-            })?
-            .to_path_buf();
+        let no_program = || PlanError::Image {
+            container: c.name.clone(),
+            image: image.clone(),
+        };
+        let entry = images.0.get(repository(&image)).ok_or_else(no_program)?;
         let mut env: Vec<(String, String)> = Vec::new();
         for var in c.env.iter().flatten() {
             let value =
@@ -330,22 +373,41 @@ pub fn plan(pod: &Pod, images: &Images, placement: &Placement) -> Result<PodPlan
                 })?;
             env.push((var.name.clone(), value));
         }
-        let mut args: Vec<String> = Vec::new();
-        if let Some(command) = c.command.as_ref().filter(|c| !c.is_empty()) {
-            let own = program
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            let first = command[0].rsplit('/').next().unwrap_or_default();
-            if first != own {
-                return Err(PlanError::Command {
-                    container: c.name.clone(),
-                    command: command.clone(),
-                });
+        let expand_all =
+            |args: &[String]| -> Vec<String> { args.iter().map(|a| expand(a, &env)).collect() };
+        let command = c.command.as_ref().filter(|c| !c.is_empty());
+        let container_args = c.args.as_ref().filter(|a| !a.is_empty());
+        let wrong_command = |command: &[String]| PlanError::Command {
+            container: c.name.clone(),
+            command: command.to_vec(),
+        };
+        let (program, mut args) = match (entry, command) {
+            (Image::Program { program, .. }, Some(command)) => {
+                let own = program
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                if command[0].rsplit('/').next().unwrap_or_default() != own {
+                    return Err(wrong_command(command));
+                }
+                (program.clone(), expand_all(&command[1..]))
             }
-            args.extend(command[1..].iter().map(|a| expand(a, &env)));
-        }
-        args.extend(c.args.iter().flatten().map(|a| expand(a, &env)));
+            (Image::Program { program, cmd }, None) => {
+                // The image's CMD applies only where the container gives no args of its own.
+                let cmd = if container_args.is_some() {
+                    vec![]
+                } else {
+                    cmd.clone()
+                };
+                (program.clone(), cmd)
+            }
+            (Image::HostTools, Some(command)) => (
+                host_program(&command[0]).ok_or_else(|| wrong_command(command))?,
+                expand_all(&command[1..]),
+            ),
+            (Image::HostTools, None) => return Err(no_program()),
+        };
+        args.extend(expand_all(container_args.map_or(&[][..], Vec::as_slice)));
         let own = c.security_context.as_ref();
         let uid = own
             .and_then(|s| s.run_as_user)

@@ -180,9 +180,14 @@ pub struct SharedExecutable {
 
 impl SharedExecutable {
     pub fn new(path: &std::path::Path) -> anyhow::Result<Self> {
+        Self::new_in(path, &std::env::temp_dir())
+    }
+
+    /// The copy in a new directory under `parent` (which every user must be able to enter).
+    pub fn new_in(path: &std::path::Path, parent: &std::path::Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
+        let dir = parent.join(format!(
             "weft-bin-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)

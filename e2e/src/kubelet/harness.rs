@@ -43,7 +43,8 @@ const RETRY: Duration = Duration::from_secs(2);
 pub struct Config {
     pub node_name: String,
     pub images: Images,
-    /// Where pods' volumes, hosts files and logs go.
+    /// Where pods' volumes, hosts files and logs go, as /var/lib/kubelet for a kubelet: outside any
+    /// path a pod mounts over (Bookinfo's pods mount an emptyDir at /tmp), and the programs too.
     pub dir: PathBuf,
     /// The pod network's first three octets; the host is `.1`, pods from `.10`.
     pub subnet: [u8; 3],
@@ -53,6 +54,7 @@ pub struct Config {
 
 /// Running until dropped; dropping stops every pod (their processes, namespaces) and the forwarders.
 pub struct Harness {
+    shared: Arc<Shared>,
     tasks: JoinSet<()>,
     _api: (HostAddress, Forwarder, watch::Sender<Vec<SocketAddr>>),
     _host: HostLink,
@@ -68,7 +70,39 @@ struct Shared {
     subnet: [u8; 3],
     next_ip: AtomicU8,
     services: Mutex<Vec<ServiceName>>,
+    /// The pods running now, by namespace and name, for `exec` and for their hosts files.
+    running: Mutex<BTreeMap<(String, String), RunningPod>>,
 }
+
+/// What it takes to run another process in a running pod's container, as `kubectl exec` does.
+struct RunningPod {
+    uid: String,
+    ip: Ipv4Addr,
+    netns: String,
+    processes: Vec<Process>,
+    volumes: volumes::Written,
+    hosts: PathBuf,
+}
+
+/// A running pod's entry in [`Shared::running`], removed with the pod's other guards.
+struct Registration {
+    shared: Arc<Shared>,
+    key: (String, String),
+    uid: String,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.shared.running.lock()
+            && running.get(&self.key).is_some_and(|p| p.uid == self.uid)
+        {
+            running.remove(&self.key);
+        }
+    }
+}
+
+/// How long an `exec` may run.
+const EXEC_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Harness {
     pub async fn start(client: Client, config: Config) -> anyhow::Result<Self> {
@@ -89,16 +123,71 @@ impl Harness {
             subnet: config.subnet,
             next_ip: AtomicU8::new(10),
             services: Mutex::new(Vec::new()),
+            running: Mutex::new(BTreeMap::new()),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(services_loop(shared.clone()));
-        tasks.spawn(pods_loop(shared));
+        tasks.spawn(pods_loop(shared.clone()));
         Ok(Self {
+            shared,
             tasks,
             _api: (api_address, api, api_target),
             _host: host,
             _network: network,
         })
+    }
+}
+
+impl Harness {
+    /// Runs `argv` in a running pod's container, as `kubectl exec POD -c CONTAINER -- ARGV`: in the
+    /// pod's network namespace, with the container's volumes, env and user. `argv[0]` is the
+    /// container's own program or one of the host's.
+    pub async fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        argv: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        let (command, first) = {
+            let running = self
+                .shared
+                .running
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the harness's pod table is poisoned"))?;
+            let target = running
+                .get(&(namespace.to_string(), pod.to_string()))
+                .with_context(|| format!("pod {namespace}/{pod} is not running on this node"))?;
+            let process = target
+                .processes
+                .iter()
+                .find(|p| p.container == container && !p.init)
+                .with_context(|| format!("pod {namespace}/{pod} has no container {container}"))?;
+            let first = argv.first().context("exec needs a command")?;
+            let own = process.program.file_name().and_then(|n| n.to_str());
+            let program = if first.rsplit('/').next() == own {
+                process.program.clone()
+            } else {
+                super::host_program(first).with_context(|| {
+                    format!("{first} is not a program of {container} or the host")
+                })?
+            };
+            let exec = Process {
+                program,
+                args: argv[1..].iter().map(|a| a.to_string()).collect(),
+                ..process.clone()
+            };
+            let command = run::command(&target.netns, &exec, &target.volumes, Some(&target.hosts))?;
+            (command, first.to_string())
+        };
+        let mut command = tokio::process::Command::from(command);
+        command
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        tokio::time::timeout(EXEC_DEADLINE, command.output())
+            .await
+            .with_context(|| format!("{first} in {namespace}/{pod} ran over {EXEC_DEADLINE:?}"))?
+            .with_context(|| format!("cannot run {first} in {namespace}/{pod}"))
     }
 }
 
@@ -194,8 +283,24 @@ async fn services_loop(shared: Arc<Shared>) {
             }
             forwarders.retain(|key, _| wanted.contains(key));
             addresses.retain(|ip, _| wanted.iter().any(|(i, _)| i == ip));
-            if let Ok(mut s) = shared.services.lock() {
-                *s = names;
+            let changed = shared
+                .services
+                .lock()
+                .map(|mut s| {
+                    let changed = *s != names;
+                    *s = names.clone();
+                    changed
+                })
+                .unwrap_or(false);
+            // Cluster DNS answers for a Service from the moment it exists; the pods' hosts files,
+            // bound over /etc/hosts, are rewritten in place to keep up.
+            if changed && let Ok(running) = shared.running.lock() {
+                for ((ns, name), pod) in running.iter() {
+                    let _ = std::fs::write(
+                        &pod.hosts,
+                        hosts_file(&names, ns, name, &pod.ip.to_string()),
+                    );
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -379,14 +484,15 @@ async fn run_pod(shared: Arc<Shared>, pod: Pod) {
     }
 }
 
-/// What keeps a started pod alive: its processes, then its namespace.
+/// What keeps a started pod alive: its entry for `exec`, its processes, then its namespace.
 struct PodGuards {
+    _registration: Registration,
     _processes: Vec<weft_netns::Process>,
     _netns: Netns,
 }
 
 async fn start_pod(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     pod: &Pod,
     ip: Ipv4Addr,
 ) -> anyhow::Result<(PodGuards, Vec<Option<Readiness>>)> {
@@ -461,8 +567,27 @@ async fn start_pod(
                 .with_context(|| format!("the postStart hook of {}", p.container))?;
         }
     }
+    let key = (ns, name);
+    if let Ok(mut running) = shared.running.lock() {
+        running.insert(
+            key.clone(),
+            RunningPod {
+                uid: uid.clone(),
+                ip,
+                netns: netns.name.clone(),
+                processes: plan.processes.clone(),
+                volumes: written,
+                hosts,
+            },
+        );
+    }
     Ok((
         PodGuards {
+            _registration: Registration {
+                shared: shared.clone(),
+                key,
+                uid,
+            },
             _processes: processes,
             _netns: netns,
         },

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context;
 
-use super::{Process, volumes::Written};
+use super::{HOST_PATH, Process, volumes::Written};
 
 /// Quoted for `sh`: the paths come from a pod spec.
 fn quote(text: &str) -> String {
@@ -30,10 +30,42 @@ pub fn mount_script(
             quote(&hosts.display().to_string())
         ));
     }
-    for m in &process.mounts {
-        let source = volumes
-            .get(&m.volume)
-            .with_context(|| format!("volume {} was not written", m.volume))?;
+    let sources = process
+        .mounts
+        .iter()
+        .map(|m| {
+            volumes
+                .get(&m.volume)
+                .with_context(|| format!("volume {} was not written", m.volume))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(m) = process
+        .mounts
+        .iter()
+        .find(|m| process.program.starts_with(&m.path))
+    {
+        anyhow::bail!(
+            "container {}: its mount at {} would hide its program {}",
+            process.container,
+            m.path,
+            process.program.display()
+        );
+    }
+    for (i, (m, source)) in process.mounts.iter().zip(&sources).enumerate() {
+        // Each bind happens in the container's view, so a volume mounted over a directory that holds
+        // a later volume's source (an emptyDir at /tmp over a harness dir in /tmp) would hide it.
+        if let Some(hidden) = sources[i + 1..]
+            .iter()
+            .find(|later| later.starts_with(&m.path))
+        {
+            anyhow::bail!(
+                "container {}: its mount at {} would hide volume source {}; keep the harness's \
+                 directory out of paths pods mount over",
+                process.container,
+                m.path,
+                hidden.display()
+            );
+        }
         let (source, target) = (quote(&source.display().to_string()), quote(&m.path));
         script.push_str(&format!(
             "mkdir -p {target}\nmount --bind {source} {target}\n"
@@ -47,14 +79,14 @@ pub fn mount_script(
     Ok(script)
 }
 
-/// Starts `process` in network namespace `netns`, its output to `log`.
-pub fn spawn(
+/// The command that runs `process` in network namespace `netns`: in a mount namespace of its own
+/// with the pod's volumes and hosts file, as the container's user, with only the container's env.
+pub fn command(
     netns: &str,
     process: &Process,
     volumes: &Written,
     hosts: Option<&Path>,
-    log: std::fs::File,
-) -> anyhow::Result<Child> {
+) -> anyhow::Result<Command> {
     let script = mount_script(process, volumes, hosts)?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns])
@@ -72,15 +104,24 @@ pub fn spawn(
     cmd.arg(&process.program)
         .args(&process.args)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .envs(process.env.iter().map(|(k, v)| (k, v)))
+        .env("PATH", HOST_PATH)
+        .envs(process.env.iter().map(|(k, v)| (k, v)));
+    Ok(cmd)
+}
+
+/// Starts `process` in network namespace `netns`, its output to `log`.
+pub fn spawn(
+    netns: &str,
+    process: &Process,
+    volumes: &Written,
+    hosts: Option<&Path>,
+    log: std::fs::File,
+) -> anyhow::Result<Child> {
+    command(netns, process, volumes, hosts)?
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log);
-    cmd.spawn()
+        .stderr(log)
+        .spawn()
         .with_context(|| format!("cannot start container {}", process.container))
 }
 
@@ -126,6 +167,42 @@ mod tests {
         );
         let missing: Written = Default::default();
         assert!(mount_script(&process, &missing, None).is_err());
+        let over_sources = Process {
+            mounts: vec![
+                Mount {
+                    volume: "tmp".into(),
+                    path: "/pods".into(),
+                    read_only: false,
+                },
+                process.mounts[0].clone(),
+            ],
+            ..process.clone()
+        };
+        let volumes_with_tmp: Written = [
+            ("token".to_string(), "/pods/p/volumes/token".into()),
+            ("tmp".to_string(), "/pods/p/volumes/tmp".into()),
+        ]
+        .into();
+        let refused = mount_script(&over_sources, &volumes_with_tmp, None)
+            .expect_err("a mount over a later source is refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("its mount at /pods would hide volume source /pods/p/volumes/token"),
+            "{refused}"
+        );
+        let over_program = Process {
+            program: "/pods/bin/app".into(),
+            ..over_sources.clone()
+        };
+        let refused = mount_script(&over_program, &volumes_with_tmp, None)
+            .expect_err("a mount over the program is refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("would hide its program /pods/bin/app"),
+            "{refused}"
+        );
         let with_hosts =
             mount_script(&process, &volumes, Some(Path::new("/pods/p/hosts"))).expect("a script");
         assert!(

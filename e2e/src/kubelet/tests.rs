@@ -172,3 +172,53 @@ fn commands_args_and_env_expand_as_the_kubelet_expands_them() {
     );
     assert!(plan.volumes.is_empty());
 }
+
+/// An image's CMD runs where the container names no args; a tools image's container runs the host's
+/// program its command names, as `kubectl exec deploy/curl -- curl ...` expects of Istio's curl sample.
+#[test]
+fn image_entrypoints_and_tool_images_run_what_a_container_runtime_would() {
+    let images = Images::default()
+        .with_cmd(
+            "examples-bookinfo-reviews-v2",
+            "/opt/weft/weftctl",
+            &["sample-app", "bookinfo", "reviews-v2"],
+        )
+        .with_host_tools("curl");
+    let pod = |containers: serde_json::Value| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"automountServiceAccountToken": false, "containers": containers}
+        }))
+        .expect("a pod")
+    };
+    let run = |containers| {
+        plan(&pod(containers), &images, &placement())
+            .map(|p| (p.processes[0].program.clone(), p.processes[0].args.clone()))
+    };
+    let image = "docker.io/istio/examples-bookinfo-reviews-v2:1.20.1";
+    assert_eq!(
+        run(serde_json::json!([{"name": "reviews", "image": image}])),
+        Ok((
+            "/opt/weft/weftctl".into(),
+            vec!["sample-app".into(), "bookinfo".into(), "reviews-v2".into()]
+        ))
+    );
+    assert_eq!(
+        run(serde_json::json!([{"name": "reviews", "image": image, "args": ["--other"]}])),
+        Ok(("/opt/weft/weftctl".into(), vec!["--other".into()]))
+    );
+    let sleep = host_program("sleep").expect("the host has sleep");
+    assert_eq!(
+        run(
+            serde_json::json!([{"name": "curl", "image": "curlimages/curl", "command": ["/bin/sleep", "infinity"]}])
+        ),
+        Ok((sleep, vec!["infinity".into()]))
+    );
+    assert_eq!(
+        run(serde_json::json!([{"name": "curl", "image": "curlimages/curl"}])),
+        Err(PlanError::Image {
+            container: "curl".into(),
+            image: "curlimages/curl".into()
+        })
+    );
+}
