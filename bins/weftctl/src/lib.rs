@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod check;
 pub mod demo;
 pub mod install;
+pub mod load;
 pub mod manifest;
 pub mod proxy_config;
 pub mod proxy_status;

@@ -122,6 +122,9 @@ enum SampleApp {
         /// `reviews-v2`, `reviews-v3` or `ratings-v1`.
         service: weftctl::sample_app::Bookinfo,
     },
+    /// HTTP/1.1 keep-alive load against one address (`cargo xtask bench` runs it pinned to a core of
+    /// its own); prints what it measured as one JSON line.
+    Load(weftctl::load::LoadArgs),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -326,22 +329,24 @@ fn kube_inject(file: &std::path::Path, config: &weft_inject::InjectConfig) -> an
 async fn sample_app(app: SampleApp) -> anyhow::Result<()> {
     use anyhow::Context;
     use weftctl::sample_app;
-    let listen = match &app {
-        SampleApp::Backend { listen, .. } => *listen,
-        SampleApp::Bookinfo { .. } => {
-            (std::net::Ipv4Addr::UNSPECIFIED, sample_app::BOOKINFO_PORT).into()
-        }
+    let bind = |listen: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))
     };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     let (trigger, watcher) = weft_drain::new();
     let server = match app {
-        SampleApp::Backend { version, .. } => {
-            tokio::spawn(sample_app::backend(listener, version, watcher))
+        SampleApp::Backend { listen, version } => {
+            tokio::spawn(sample_app::backend(bind(listen).await?, version, watcher))
         }
         SampleApp::Bookinfo { service } => {
-            tokio::spawn(sample_app::bookinfo(listener, service, watcher))
+            let listen = (std::net::Ipv4Addr::UNSPECIFIED, sample_app::BOOKINFO_PORT).into();
+            tokio::spawn(sample_app::bookinfo(bind(listen).await?, service, watcher))
+        }
+        SampleApp::Load(args) => {
+            let report = weftctl::load::run(&args).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(());
         }
     };
     weft_telemetry::shutdown_signal().await;
