@@ -891,12 +891,19 @@ async fn admin_metrics_and_access_logs_describe_the_traffic() {
         "{server_stats}"
     );
 
-    let log = s.mesh.access_log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("\"GET /hello HTTP/1.1\" 200") && l.contains(CLUSTER)),
-        "{log}"
-    );
+    // Lines reach the file from the proxy's writer thread, a moment after the response.
+    wait_for(
+        "the request in the access log",
+        Duration::from_secs(5),
+        || async {
+            s.mesh
+                .access_log()
+                .lines()
+                .any(|l| l.contains("\"GET /hello HTTP/1.1\" 200") && l.contains(CLUSTER))
+                .then_some(())
+        },
+    )
+    .await;
 
     let (_, weftd_metrics) = get_text(s.mesh.monitoring, "/metrics")
         .await

@@ -6,9 +6,11 @@ use std::{
     fs::{File, OpenOptions},
     io::Write,
     net::SocketAddr,
-    sync::Mutex,
+    sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 use http::{HeaderMap, Method, Version};
 
@@ -48,12 +50,53 @@ pub struct TcpEntry<'a> {
 }
 
 /// Open log files by path, shared by every listener that logs to the same place.
-#[derive(Debug, Default)]
+/// Lines waiting for the writer; past this many, new lines are dropped (and counted) rather than
+/// held: about a megabyte of Istio-format lines.
+const QUEUE_LINES: usize = 4096;
+
+/// Access log lines go to a writer thread through a bounded queue, so a slow reader of the log (a
+/// full stdout pipe, a stalled disk) costs dropped lines, counted in
+/// `weft_access_log_dropped_lines_total`, and never a stalled request on the worker thread. Dropping
+/// it closes the queue: the writer writes what is queued and ends.
+#[derive(Debug)]
 pub struct AccessLog {
-    files: Mutex<HashMap<String, File>>,
+    queue: SyncSender<(String, String)>,
+    dropped: Counter,
+    _writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self::with_capacity(QUEUE_LINES, Counter::default())
+    }
 }
 
 impl AccessLog {
+    /// The log, with its dropped-lines counter in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let dropped = Counter::default();
+        registry.register(
+            "weft_access_log_dropped_lines",
+            "Access log lines dropped because the writer was behind (a slow log reader or disk)",
+            dropped.clone(),
+        );
+        Self::with_capacity(QUEUE_LINES, dropped)
+    }
+
+    fn with_capacity(lines: usize, dropped: Counter) -> Self {
+        let (queue, lines) = sync_channel(lines);
+        let writer = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(lines))
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot start the access log writer; lines are dropped"))
+            .ok();
+        Self {
+            queue,
+            dropped,
+            _writer: writer,
+        }
+    }
+
     pub fn format(&self, e: &Entry<'_>) -> String {
         let h = |name: &str| {
             e.headers
@@ -115,32 +158,42 @@ impl AccessLog {
         )
     }
 
-    pub fn write(&self, path: &str, line: &str) {
+    /// Queues `line` for the file at `path` (`/dev/stdout` being the proxy's standard output).
+    pub fn write(&self, path: &str, line: String) {
+        match self.queue.try_send((path.to_string(), line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+            }
+        }
+    }
+}
+
+/// The writer thread: each line to its file, opened on first use and kept.
+fn write_lines(lines: Receiver<(String, String)>) {
+    let mut files: HashMap<String, File> = HashMap::new();
+    for (path, line) in lines {
         if path == "/dev/stdout" {
             let _ = std::io::stdout().lock().write_all(line.as_bytes());
-            return;
+            continue;
         }
-        let Ok(mut files) = self.files.lock() else {
-            return;
-        };
-        if !files.contains_key(path) {
-            match OpenOptions::new().create(true).append(true).open(path) {
+        if !files.contains_key(&path) {
+            match OpenOptions::new().create(true).append(true).open(&path) {
                 Ok(f) => {
-                    files.insert(path.to_string(), f);
+                    files.insert(path.clone(), f);
                 }
                 Err(e) => {
                     tracing::warn!(path, error = %e, "cannot open access log");
-                    return;
+                    continue;
                 }
             }
         }
-        if let Some(f) = files.get_mut(path) {
+        if let Some(f) = files.get_mut(&path) {
             let _ = f.write_all(line.as_bytes());
         }
     }
 }
 
-/// `2026-11-27T03:04:05.678Z`, computed without a date library (days-from-civil inverse).
 fn rfc3339_millis(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
@@ -166,6 +219,31 @@ fn rfc3339_millis(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer stuck on its file (a FIFO nobody reads: opening it blocks) fills the queue; later
+    /// lines are dropped and counted, and `write` never waits.
+    #[test]
+    fn a_stuck_writer_costs_dropped_lines_not_a_blocked_caller() {
+        let dir = std::env::temp_dir().join(format!("weft-access-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let fifo = dir.join("stuck");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let dropped = Counter::default();
+        let log = AccessLog::with_capacity(4, dropped.clone());
+        let path = fifo.display().to_string();
+        let started = std::time::Instant::now();
+        for i in 0..100 {
+            log.write(&path, format!("line {i}\n"));
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "write waited");
+        // The writer holds one line while it blocks in open; the queue holds four more.
+        assert!(dropped.get() >= 95, "dropped {}", dropped.get());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

@@ -104,6 +104,7 @@ impl App {
         let tls = Arc::new(crate::mtls::TlsConfigs::default());
         let mut registry = Registry::default();
         let metrics = IstioMetrics::new(&mut registry);
+        let access_log = crate::access_log::AccessLog::new(&mut registry);
         let ctx = Arc::new(Ctx {
             principal: if config.identity.is_some() {
                 config.spiffe_id.to_string()
@@ -117,7 +118,7 @@ impl App {
             workload: config.workload.clone(),
             drain: drain.clone(),
             listener_drain: config.listener_drain,
-            access_log: Default::default(),
+            access_log,
             tasks: Default::default(),
         });
         info!(node = %config.node.id, xds = %config.xds_address, "weft-proxy starting");

@@ -195,7 +195,7 @@ pub async fn handle(
             downstream_remote: conn.peer,
             route_name: &outcome.route_name,
         });
-        ctx.access_log.write(path_out, &line);
+        ctx.access_log.write(path_out, line);
     }
     Ok(resp)
 }

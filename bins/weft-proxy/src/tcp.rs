@@ -65,7 +65,7 @@ where
                 downstream_local: target,
                 downstream_remote: peer,
             });
-            ctx.access_log.write(path, &line);
+            ctx.access_log.write(path, line);
         }
     };
     let facts = weft_policy::Request {
