@@ -48,6 +48,8 @@ pub struct ConnInfo {
     pub draining: AtomicBool,
     /// The connection speaks HTTP/2 (GOAWAY drains it at once).
     pub http2: AtomicBool,
+    /// The series its last request was counted in.
+    pub(crate) last_series: crate::LastSeries,
 }
 
 /// One request on a downstream connection: [`handle`], then what the connection's drain state asks
@@ -152,26 +154,20 @@ pub async fn handle(
         debug!(cluster = %c.config.name, status = %outcome.status, "forwarded");
     }
     let resp_bytes = resp.body().size_hint().exact().unwrap_or(0);
-    let summary = crate::Outcome {
-        status: outcome.status,
-        flags: outcome.flags,
-        cluster: outcome.cluster.as_deref(),
-        endpoint: outcome.endpoint.as_deref(),
-    };
-    let labels = ctx.request_labels(&conn, &summary, grpc, resp.headers());
-    ctx.metrics.requests.get_or_create(&labels).inc();
-    ctx.metrics
-        .request_duration_ms
-        .get_or_create(&labels)
-        .observe(duration.as_secs_f64() * 1000.0);
-    ctx.metrics
-        .request_bytes
-        .get_or_create(&labels)
-        .observe(req_bytes as f64);
-    ctx.metrics
-        .response_bytes
-        .get_or_create(&labels)
-        .observe(resp_bytes as f64);
+    ctx.record_request(
+        &conn,
+        crate::RequestRecord {
+            status: outcome.status,
+            flags: outcome.flags,
+            cluster: outcome.cluster.clone(),
+            endpoint: outcome.endpoint.clone(),
+            grpc,
+            grpc_status: resp.headers().get("grpc-status").cloned(),
+            duration,
+            request_bytes: req_bytes,
+            response_bytes: resp_bytes,
+        },
+    );
     if let (Some(path_out), Some(req_headers)) = (&conn.http.access_log, &req_headers) {
         let line = ctx.access_log.format(&crate::access_log::Entry {
             start: start_wall,

@@ -24,7 +24,10 @@ mod tcp;
 
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::registry::Registry;
+use prometheus_client::{
+    metrics::{counter::Counter, histogram::Histogram},
+    registry::Registry,
+};
 use tokio::{sync::watch, task::JoinSet};
 use weft_drain::DrainWatcher;
 use weft_telemetry::{IstioMetrics, RequestLabels, TcpLabels};
@@ -75,12 +78,78 @@ fn or_unknown(s: &str) -> String {
 
 /// The upstream chooses the `grpc-status` header, so it becomes a label only as one of gRPC's 17 codes;
 /// anything else is `unknown`, and no upstream can mint series.
-fn grpc_status_label(value: Option<&::http::HeaderValue>) -> String {
-    match value.map(|v| v.to_str().ok().and_then(|s| s.parse::<u8>().ok())) {
-        None => String::new(),
-        Some(Some(code)) if code <= 16 => code.to_string(),
-        Some(_) => "unknown".into(),
+fn grpc_status_label(value: Option<&::http::HeaderValue>) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match value.map(|v| v.to_str().ok().and_then(|s| s.parse::<usize>().ok())) {
+        None => "",
+        Some(Some(code)) => CODES.get(code).copied().unwrap_or("unknown"),
+        Some(None) => "unknown",
     }
+}
+
+/// One request label set's four series, taken out of their families: recording into them hashes
+/// nothing and builds no labels.
+struct RequestSeries {
+    requests: Counter,
+    duration_ms: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// What decides a request's labels beyond its connection and this workload. The config objects are
+/// compared by identity: a config change gives new objects, and holding them keeps an address from
+/// being reused by another while the key lives.
+struct SeriesKey {
+    cluster: Option<Arc<ClusterState>>,
+    endpoint: Option<Arc<EndpointState>>,
+    status: ::http::StatusCode,
+    flags: &'static str,
+    grpc: bool,
+    grpc_status: &'static str,
+}
+
+impl SeriesKey {
+    fn same(&self, other: &Self) -> bool {
+        fn same_arc<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        same_arc(&self.cluster, &other.cluster)
+            && same_arc(&self.endpoint, &other.endpoint)
+            && self.status == other.status
+            && self.flags == other.flags
+            && self.grpc == other.grpc
+            && self.grpc_status == other.grpc_status
+    }
+}
+
+/// A connection's last request series: the next request like it (a keep-alive client calling one
+/// route) records into the same series without building its labels again.
+#[derive(Default)]
+pub(crate) struct LastSeries(Mutex<Option<(SeriesKey, RequestSeries)>>);
+
+impl std::fmt::Debug for LastSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LastSeries(..)")
+    }
+}
+
+/// One finished request, as the request metrics record it.
+pub(crate) struct RequestRecord {
+    pub status: ::http::StatusCode,
+    pub flags: &'static str,
+    pub cluster: Option<Arc<ClusterState>>,
+    pub endpoint: Option<Arc<EndpointState>>,
+    pub grpc: bool,
+    pub grpc_status: Option<::http::HeaderValue>,
+    pub duration: std::time::Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
 }
 
 /// Istio writes principals without the scheme: `cluster.local/ns/x/sa/y`.
@@ -132,12 +201,54 @@ impl Ctx {
 
     /// Istio's labels: outbound requests report as `source` with the endpoint's workload as destination;
     /// inbound ones report as `destination` with this workload and the services its port serves.
+    /// Counts one request into Istio's request metrics, through the connection's last series when
+    /// the request's labels are the same as the last one's.
+    fn record_request(&self, conn: &http::ConnInfo, r: RequestRecord) {
+        let key = SeriesKey {
+            cluster: r.cluster,
+            endpoint: r.endpoint,
+            status: r.status,
+            flags: r.flags,
+            grpc: r.grpc,
+            grpc_status: grpc_status_label(r.grpc_status.as_ref()),
+        };
+        let Ok(mut last) = conn.last_series.0.lock() else {
+            return;
+        };
+        let series = match last.take() {
+            Some((k, series)) if k.same(&key) => (k, series),
+            _ => {
+                let outcome = Outcome {
+                    status: key.status,
+                    flags: key.flags,
+                    cluster: key.cluster.as_deref(),
+                    endpoint: key.endpoint.as_deref(),
+                };
+                let labels = self.request_labels(conn, &outcome, key.grpc, key.grpc_status);
+                let m = &self.metrics;
+                let series = RequestSeries {
+                    requests: m.requests.get_or_create(&labels).clone(),
+                    duration_ms: m.request_duration_ms.get_or_create(&labels).clone(),
+                    request_bytes: m.request_bytes.get_or_create(&labels).clone(),
+                    response_bytes: m.response_bytes.get_or_create(&labels).clone(),
+                };
+                (key, series)
+            }
+        };
+        let s = &series.1;
+        s.requests.inc();
+        s.duration_ms.observe(r.duration.as_secs_f64() * 1000.0);
+        s.request_bytes.observe(r.request_bytes as f64);
+        s.response_bytes.observe(r.response_bytes as f64);
+        *last = Some(series);
+    }
+
     fn request_labels(
         &self,
         conn: &http::ConnInfo,
         o: &Outcome<'_>,
         grpc: bool,
-        resp_headers: &::http::HeaderMap,
+        grpc_status: &str,
     ) -> RequestLabels {
         let me = &self.workload;
         let dest = o.endpoint.map(|e| &e.config.workload);
@@ -167,7 +278,7 @@ impl Ctx {
             .into(),
             request_protocol: if grpc { "grpc" } else { "http" }.into(),
             response_code: o.status.as_u16().to_string(),
-            grpc_response_status: grpc_status_label(resp_headers.get("grpc-status")),
+            grpc_response_status: grpc_status.into(),
             response_flags: o.flags.to_string(),
             connection_security_policy: if conn.inbound { "none" } else { "unknown" }.into(),
             destination_service: or_unknown(&dest_service),
@@ -282,6 +393,44 @@ struct Outcome<'a> {
 
 #[cfg(test)]
 mod tests {
+    /// The last series is reused only for a request whose labels would be the same: the same
+    /// cluster and endpoint objects (not equal copies, which a config change makes), status, flags
+    /// and gRPC status.
+    #[test]
+    fn a_series_is_reused_only_for_the_same_labels() {
+        use std::sync::Arc;
+        let endpoint = |n: u8| {
+            Arc::new(crate::state::EndpointState {
+                config: crate::model::EndpointConfig {
+                    address: std::net::SocketAddr::from(([127, 0, 0, n], 9080)),
+                    weight: 1,
+                    healthy: true,
+                    workload: Default::default(),
+                    socket_match: Default::default(),
+                },
+                active: std::sync::atomic::AtomicUsize::new(0),
+                tls: false,
+            })
+        };
+        let (a, b) = (endpoint(1), endpoint(1));
+        let key =
+            |e: &Arc<crate::state::EndpointState>, status: u16, grpc_status| super::SeriesKey {
+                cluster: None,
+                endpoint: Some(e.clone()),
+                status: ::http::StatusCode::from_u16(status).expect("a status"),
+                flags: "-",
+                grpc: false,
+                grpc_status,
+            };
+        assert!(key(&a, 200, "").same(&key(&a, 200, "")));
+        assert!(
+            !key(&a, 200, "").same(&key(&b, 200, "")),
+            "an equal copy is not the same"
+        );
+        assert!(!key(&a, 200, "").same(&key(&a, 503, "")));
+        assert!(!key(&a, 200, "0").same(&key(&a, 200, "14")));
+    }
+
     #[test]
     fn grpc_status_labels_are_grpcs_codes_only() {
         let label = |v: &str| {

@@ -271,6 +271,7 @@ async fn serve<IO>(
                 origin: origin.clone(),
                 draining: AtomicBool::new(false),
                 http2: AtomicBool::new(false),
+                last_series: Default::default(),
             });
             let svc_ctx = ctx.clone();
             let svc_info = info.clone();
