@@ -343,35 +343,25 @@ async fn handle(
 }
 
 async fn serve_monitoring(listener: TcpListener, registry: Arc<Registry>, drain: DrainWatcher) {
-    let mut acceptor = Acceptor::new(listener, "monitoring");
-    let mut conns = JoinSet::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = acceptor.accept() => accepted,
-            () = drain.signaled() => break,
-        };
-        while conns.try_join_next().is_some() {}
-        let registry = registry.clone();
-        let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+    weft_drain::http::serve(
+        listener,
+        "monitoring",
+        drain,
+        move |req: Request<hyper::body::Incoming>| {
             let registry = registry.clone();
             async move {
-                Ok::<_, Infallible>(match req.uri().path() {
+                match req.uri().path() {
                     "/metrics" => match weft_telemetry::encode_prometheus_text(&registry) {
                         Ok(text) => reply(StatusCode::OK, text),
                         Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                     },
                     "/ready" => reply(StatusCode::OK, "ready\n"),
                     _ => reply(StatusCode::NOT_FOUND, "not found\n"),
-                })
+                }
             }
-        });
-        conns.spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-    conns.abort_all();
+        },
+    )
+    .await
 }
 
 /// Keeps every webhook of the configuration pointing at this injector's root, checking now and

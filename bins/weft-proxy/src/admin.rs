@@ -3,15 +3,13 @@
 //! ports reachable from outside the pod have no view of the config: 15090 the metrics, 15021 the
 //! proxy's readiness, 15020 the app's probes and the merged metrics (see [`crate::status`]).
 
-use std::{convert::Infallible, fmt::Write, sync::Arc};
+use std::{fmt::Write, sync::Arc};
 
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::net::TcpListener;
 
 use crate::{Ctx, state::ProxyState, status::AppStatus};
 
@@ -190,26 +188,10 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, port: &Port) -> Response<Full<
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, port: Port) {
-    let mut conns = JoinSet::new();
-    let mut acceptor = weft_drain::Acceptor::new(listener, port.name());
-    loop {
-        let (stream, _) = tokio::select! {
-            a = acceptor.accept() => a,
-            () = ctx.drain.signaled() => break,
-        };
-        while conns.try_join_next().is_some() {}
-        let ctx = ctx.clone();
-        let port = port.clone();
-        conns.spawn(async move {
-            let svc = service_fn(|req| {
-                let ctx = ctx.clone();
-                let port = port.clone();
-                async move { Ok::<_, Infallible>(route(req, &ctx, &port).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-    conns.abort_all();
+    let drain = ctx.drain.clone();
+    weft_drain::http::serve(listener, port.name(), drain, move |req| {
+        let (ctx, port) = (ctx.clone(), port.clone());
+        async move { route(req, &ctx, &port).await }
+    })
+    .await
 }

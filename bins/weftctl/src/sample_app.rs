@@ -1,48 +1,24 @@
 //! The demo's sample application: a frontend that calls a backend (and a gRPC status service) through its
 //! sidecar, backends that say which version answered, and a gRPC service (the standard health service).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::{body::Incoming, service::service_fn};
+use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
+    rt::TokioExecutor,
 };
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::net::TcpListener;
 use weft_drain::DrainWatcher;
 
 pub const BACKEND_HOST: &str = "backend.demo.svc.cluster.local:9080";
 pub const STATUS_ORIGIN: &str = "http://status.demo.svc.cluster.local:9090";
 
-async fn serve<F, Fut>(listener: TcpListener, drain: DrainWatcher, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let mut conns = JoinSet::new();
-    let mut acceptor = weft_drain::Acceptor::new(listener, "sample app");
-    loop {
-        let (stream, _) = tokio::select! {
-            a = acceptor.accept() => a,
-            () = drain.signaled() => break,
-        };
-        while conns.try_join_next().is_some() {}
-        let handler = handler.clone();
-        conns.spawn(async move {
-            let svc = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-    conns.abort_all();
-}
+/// The sample app's servers: one per workload process.
+const SERVER: &str = "sample app";
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -53,7 +29,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// A backend that answers `backend <version>`.
 pub async fn backend(listener: TcpListener, version: String, drain: DrainWatcher) {
     let version = Arc::new(version);
-    serve(listener, drain, move |_req| {
+    weft_drain::http::serve(listener, SERVER, drain, move |_req| {
         let version = version.clone();
         async move { text(StatusCode::OK, format!("backend {version}")) }
     })
@@ -75,7 +51,7 @@ pub async fn frontend(
         .ok()
         // The origin sets :authority, so the sidecar routes by service name, not by its own address.
         .map(|e| e.origin(Uri::from_static(STATUS_ORIGIN)).connect_lazy());
-    serve(listener, drain, move |req: Request<Incoming>| {
+    weft_drain::http::serve(listener, SERVER, drain, move |req: Request<Incoming>| {
         let client = client.clone();
         let grpc = grpc.clone();
         async move {
@@ -222,7 +198,7 @@ async fn call(
 /// what each call met (a denial reads `details answered 403 Forbidden: RBAC: access denied`).
 pub async fn bookinfo(listener: TcpListener, service: Bookinfo, drain: DrainWatcher) {
     let client: PlainClient = Client::builder(TokioExecutor::new()).build_http();
-    serve(listener, drain, move |req: Request<Incoming>| {
+    weft_drain::http::serve(listener, SERVER, drain, move |req: Request<Incoming>| {
         let client = client.clone();
         async move {
             let path = req.uri().path().to_string();

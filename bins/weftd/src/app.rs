@@ -2,7 +2,6 @@
 //! fails at start; `run()` serves until drained.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -10,8 +9,7 @@ use std::{
 };
 
 use http_body_util::Full;
-use hyper::{Request, Response, body::Bytes, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::{Request, Response, body::Bytes};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{Instrument, info, info_span, warn};
@@ -537,18 +535,11 @@ async fn serve_metrics(
     ready: watch::Receiver<bool>,
     drain: DrainWatcher,
 ) {
-    let mut conns = JoinSet::new();
-    let mut acceptor = Acceptor::new(listener, "monitoring");
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = acceptor.accept() => accepted,
-            () = drain.signaled() => break,
-        };
-        while conns.try_join_next().is_some() {}
-        let registry = registry.clone();
-        let xds = xds.clone();
-        let ready = ready.clone();
-        let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+    weft_drain::http::serve(
+        listener,
+        "monitoring",
+        drain,
+        move |req: Request<hyper::body::Incoming>| {
             let registry = registry.clone();
             let xds = xds.clone();
             let ready = *ready.borrow();
@@ -585,19 +576,12 @@ async fn serve_metrics(
                 } else {
                     (404, "not found\n".into())
                 };
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(status)
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap_or_default(),
-                )
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_default()
             }
-        });
-        conns.spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-    conns.abort_all();
+        },
+    )
+    .await
 }

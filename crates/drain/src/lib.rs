@@ -4,6 +4,7 @@
 //! last clone to go, so a caller bounds it with `tokio::time::timeout` for the grace period.
 
 mod accept;
+pub mod http;
 
 use std::convert::Infallible;
 
