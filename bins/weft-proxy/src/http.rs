@@ -162,7 +162,7 @@ pub async fn handle(
             cluster: outcome.cluster.clone(),
             endpoint: outcome.endpoint.clone(),
             grpc,
-            grpc_status: resp.headers().get("grpc-status").cloned(),
+            grpc_status: resp.headers().get(GRPC_STATUS).cloned(),
             duration,
             request_bytes: req_bytes,
             response_bytes: resp_bytes,
@@ -231,7 +231,10 @@ fn normalize_path(req: &mut Request<Incoming>, how: crate::model::PathNormalizat
     }
 }
 
-const XFCC: &str = "x-forwarded-client-cert";
+const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// Named once, so the lookups on every request parse no name.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Headers a client could forge to claim what only a proxy may say: `x-envoy-*` controls are never
 /// taken from a request, and `x-forwarded-client-cert` is kept, extended or replaced only as the
@@ -313,8 +316,8 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(name.as_str());
     }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && (name == "connection" || name == "upgrade") {
+    for name in &HOP_BY_HOP {
+        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
             continue;
         }
         headers.remove(name);
@@ -608,15 +611,16 @@ fn add_headers(headers: &mut HeaderMap, adds: &[crate::model::HeaderAdd]) {
     }
 }
 
-/// Headers that describe one hop's connection and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
+/// Headers that describe one hop's connection and must not be forwarded (RFC 9110 §7.6.1). As
+/// `HeaderName`s, so removing them from every request and response parses no name.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -659,10 +663,10 @@ async fn forward(
     remove_hop_by_hop(&mut parts.headers, websocket);
     apply_request_headers(&mut parts.headers, &route.headers);
     apply_request_headers(&mut parts.headers, &choice.headers);
-    if !parts.headers.contains_key("x-request-id") {
+    if !parts.headers.contains_key(REQUEST_ID) {
         let id = format!("{:032x}", rand::rng().random::<u128>());
         if let Ok(v) = HeaderValue::from_str(&id) {
-            parts.headers.insert("x-request-id", v);
+            parts.headers.insert(REQUEST_ID, v);
         }
     }
     if let Some(host) = &fwd.host_rewrite
@@ -713,7 +717,7 @@ async fn forward(
             };
             let uri = match Uri::builder()
                 .scheme(if endpoint.tls { "https" } else { "http" })
-                .authority(endpoint.config.address.to_string())
+                .authority(endpoint.authority.clone())
                 .path_and_query(path.as_str())
                 .build()
             {
@@ -735,7 +739,12 @@ async fn forward(
             let mut upstream_req = Request::new(body);
             *upstream_req.method_mut() = parts.method.clone();
             *upstream_req.uri_mut() = uri;
-            *upstream_req.headers_mut() = parts.headers.clone();
+            // The last attempt takes the headers; an attempt that may be retried copies them.
+            *upstream_req.headers_mut() = if attempt >= max_attempts {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
             if cluster.config.http2 {
                 *upstream_req.version_mut() = http::Version::HTTP_2;
             }
@@ -754,7 +763,7 @@ async fn forward(
                     let status = resp.status();
                     let grpc_status = resp
                         .headers()
-                        .get("grpc-status")
+                        .get(GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|s| s.parse::<u32>().ok());
                     let retriable = retry.is_some_and(|r| {

@@ -32,6 +32,11 @@ pub fn pick_endpoint(
     cluster: &ClusterState,
     exclude: Option<&Arc<EndpointState>>,
 ) -> Option<Arc<EndpointState>> {
+    // One endpoint (a sidecar's inbound cluster, a one-replica service): nothing to choose, and no
+    // list to build for it. A retry goes back to it, as it would with the list.
+    if let [only] = cluster.endpoints.as_slice() {
+        return only.config.healthy.then(|| Arc::clone(only));
+    }
     let mut healthy: Vec<&Arc<EndpointState>> = cluster
         .endpoints
         .iter()
@@ -143,17 +148,16 @@ mod tests {
             endpoints: eps
                 .iter()
                 .map(|(a, w, h)| {
-                    Arc::new(EndpointState {
-                        config: EndpointConfig {
+                    Arc::new(EndpointState::new(
+                        EndpointConfig {
                             address: a.parse().expect("addr"),
                             weight: *w,
                             healthy: *h,
                             workload: WorkloadRef::default(),
                             socket_match: Default::default(),
                         },
-                        active: AtomicUsize::new(0),
-                        tls: false,
-                    })
+                        false,
+                    ))
                 })
                 .collect(),
             next: AtomicUsize::new(0),

@@ -400,17 +400,16 @@ mod tests {
     fn a_series_is_reused_only_for_the_same_labels() {
         use std::sync::Arc;
         let endpoint = |n: u8| {
-            Arc::new(crate::state::EndpointState {
-                config: crate::model::EndpointConfig {
+            Arc::new(crate::state::EndpointState::new(
+                crate::model::EndpointConfig {
                     address: std::net::SocketAddr::from(([127, 0, 0, n], 9080)),
                     weight: 1,
                     healthy: true,
                     workload: Default::default(),
                     socket_match: Default::default(),
                 },
-                active: std::sync::atomic::AtomicUsize::new(0),
-                tls: false,
-            })
+                false,
+            ))
         };
         let (a, b) = (endpoint(1), endpoint(1));
         let key =

@@ -42,6 +42,21 @@ pub struct EndpointState {
     pub active: AtomicUsize,
     /// Connect with mTLS (the cluster's transport socket for this endpoint says so).
     pub tls: bool,
+    /// The address as a URI authority, made once rather than per request.
+    pub authority: http::uri::Authority,
+}
+
+impl EndpointState {
+    pub fn new(config: EndpointConfig, tls: bool) -> Self {
+        let authority = http::uri::Authority::try_from(config.address.to_string())
+            .expect("a socket address is a URI authority");
+        Self {
+            config,
+            active: AtomicUsize::new(0),
+            tls,
+            authority,
+        }
+    }
 }
 
 /// A cluster ready for traffic: its settings, its endpoints and its pooled connections.
@@ -214,11 +229,8 @@ impl XdsHandler {
             endpoints: endpoints
                 .into_iter()
                 .map(|e| {
-                    Arc::new(EndpointState {
-                        tls: config.tls_for(&e).is_some(),
-                        config: e,
-                        active: AtomicUsize::new(0),
-                    })
+                    let tls = config.tls_for(&e).is_some();
+                    Arc::new(EndpointState::new(e, tls))
                 })
                 .collect(),
             config,
