@@ -20,6 +20,17 @@ pub const STATUS_ORIGIN: &str = "http://status.demo.svc.cluster.local:9090";
 /// The sample app's servers: one per workload process.
 const SERVER: &str = "sample app";
 
+/// An upstream's answer as text; what could not be read is left out.
+async fn body_text(response: Response<Incoming>) -> String {
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -87,13 +98,7 @@ pub async fn frontend(
             match client.request(upstream).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    let body = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    text(status, String::from_utf8_lossy(&body).into_owned())
+                    text(status, body_text(resp).await)
                 }
                 Err(e) => text(StatusCode::BAD_GATEWAY, format!("backend call failed: {e}")),
             }
@@ -179,13 +184,7 @@ async fn call(
         .await
         .map_err(|e| format!("{service} unreachable: {e}"))?;
     let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let body = String::from_utf8_lossy(&body).trim().to_string();
+    let body = body_text(response).await.trim().to_string();
     if status.is_success() {
         Ok(body)
     } else {
